@@ -1,0 +1,1 @@
+"""cg_tf: Coherent Gradients (Chatterjee, ICLR 2020) in TensorFlow 2."""

@@ -1,0 +1,93 @@
+"""The frozen experiment configuration that the library takes instead of flags."""
+
+import dataclasses
+import json
+from typing import Optional, Tuple
+
+from cg_tf.errors import UserInputError
+
+INITS = ('paper', 'glorot_uniform')
+DATASETS = ('mnist', 'fashion_mnist')
+WINSOR_IMPLS = ('fast', 'reference')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that determines a run; two runs with equal configs are equal.
+
+  Attributes:
+    dataset: tfds name of the dataset ('mnist' or 'fashion_mnist').
+    data_dir: directory with the four IDX files; None reads through tfds.
+    train_size: train on a fixed random subset of this many examples; 0 = all.
+    noise: fraction of training examples whose labels are permuted, in [0, 1].
+    noise_seed: seed of the training subset and of the label noise.
+    seed: seed of the initialisation and of the minibatch order.
+    hidden: widths of the hidden ReLU layers.
+    init: 'paper' (N(0,1) * 2 / sqrt(fan_in + fan_out)) or 'glorot_uniform'.
+    learning_rate: constant SGD learning rate.
+    batch_size: minibatch size; 0 means full-batch gradient descent.
+    steps: number of SGD steps.
+    eval_every: evaluate every this many steps, besides the log-spaced steps.
+    checkpoint_every: checkpoint every this many steps (and at the end).
+    winsor_c: winsorization percentile c in [0, 50); 0 is plain SGD.
+    winsor_impl: 'fast' (top_k on outer products) or 'reference' (tfp).
+    deterministic: enable TensorFlow's op determinism (slower on GPU).
+    eval_batch_size: examples per forward pass during evaluation.
+  """
+  dataset: str = 'mnist'
+  data_dir: Optional[str] = None
+  train_size: int = 0
+  noise: float = 0.0
+  noise_seed: int = 0
+  seed: int = 0
+  hidden: Tuple[int, ...] = (2048,)
+  init: str = 'paper'
+  learning_rate: float = 0.1
+  batch_size: int = 100
+  steps: int = 100_000
+  eval_every: int = 10_000
+  checkpoint_every: int = 5_000
+  winsor_c: float = 0.0
+  winsor_impl: str = 'fast'
+  deterministic: bool = False
+  eval_batch_size: int = 10_000
+
+  def __post_init__(self):
+    object.__setattr__(self, 'hidden', tuple(int(h) for h in self.hidden))
+    problems = []
+    if not 0.0 <= self.noise <= 1.0:
+      problems.append(f'--noise={self.noise} must be in [0, 1]')
+    if not self.learning_rate > 0:
+      problems.append(f'--learning_rate={self.learning_rate} must be positive')
+    if self.steps <= 0:
+      problems.append(f'--steps={self.steps} must be positive')
+    if self.batch_size < 0:
+      problems.append(f'--batch_size={self.batch_size} must be positive, or 0 for full batch')
+    if self.train_size < 0:
+      problems.append(f'--train_size={self.train_size} must be positive, or 0 for all')
+    if self.eval_every <= 0:
+      problems.append(f'--eval_every={self.eval_every} must be positive')
+    if self.checkpoint_every <= 0:
+      problems.append(f'--checkpoint_every={self.checkpoint_every} must be positive')
+    if self.eval_batch_size <= 0:
+      problems.append(f'--eval_batch_size={self.eval_batch_size} must be positive')
+    if not self.hidden or any(h <= 0 for h in self.hidden):
+      problems.append(f'--hidden={",".join(map(str, self.hidden))} needs one or more '
+                      'positive widths, e.g. --hidden=2048 or --hidden=256,256,256')
+    if self.init not in INITS:
+      problems.append(f'--init={self.init} must be one of {", ".join(INITS)}')
+    if self.dataset not in DATASETS:
+      problems.append(f'--dataset={self.dataset} must be one of {", ".join(DATASETS)}')
+    if not 0.0 <= self.winsor_c < 50.0:
+      problems.append(f'--winsor_c={self.winsor_c} must be in [0, 50)')
+    if self.winsor_impl not in WINSOR_IMPLS:
+      problems.append(f'--winsor_impl={self.winsor_impl} must be one of {", ".join(WINSOR_IMPLS)}')
+    if problems:
+      raise UserInputError('; '.join(problems))
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Config':
+    return cls(**json.loads(text))

@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something we cannot do"."""
+
+
+class UserInputError(ValueError):
+  """Bad configuration, data directory or log directory.
+
+  `run.py` prints the message as a single line and exits with status 2, so the
+  message must say what is wrong and how to fix it.
+  """

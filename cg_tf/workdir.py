@@ -1,0 +1,62 @@
+"""The run directory: creating it, and refusing to mix two runs in one."""
+
+import dataclasses
+import json
+import os
+from typing import Dict
+
+import numpy as np
+
+from cg_tf.config import Config
+from cg_tf.errors import UserInputError
+
+CONFIG_FILE = 'config.json'
+EXAMPLES_FILE = 'examples.npz'
+# Fields that may differ when a run is resumed: they do not change its numbers
+# (steps only extends or shortens it).
+RESUMABLE_CHANGES = ('steps', 'data_dir', 'eval_batch_size')
+
+
+def prepare(workdir: str, config: Config) -> None:
+  """Creates `workdir`, or checks that the run already in it has the same config.
+
+  Raises:
+    UserInputError: the directory is not writable, or holds a different run.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserInputError(f'--logdir={workdir} is not writable ({e.strerror}); choose '
+                         'another --logdir') from None
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    current = dataclasses.asdict(config)
+    changed = sorted(k for k in current
+                     if k not in RESUMABLE_CHANGES and json.loads(json.dumps(current[k]))
+                     != previous.get(k))
+    if changed:
+      detail = ', '.join(f'{k}={previous.get(k)!r} there vs {current[k]!r} now' for k in changed)
+      raise UserInputError(f'--logdir={workdir} holds a run with other settings ({detail}); '
+                           'use a new --logdir to start a new run')
+  write_atomic(path, config.to_json().encode())
+
+
+def write_atomic(path: str, payload: bytes) -> None:
+  """Writes via a temporary file and a rename, so a kill never leaves half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(payload)
+  os.replace(tmp, path)
+
+
+def save_examples(workdir: str, record: Dict[str, np.ndarray]) -> None:
+  """Writes examples.npz (one array per key, one entry per training example) atomically."""
+  tmp = os.path.join(workdir, EXAMPLES_FILE + '.tmp.npz')
+  np.savez(tmp, **record)
+  os.replace(tmp, os.path.join(workdir, EXAMPLES_FILE))

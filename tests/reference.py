@@ -1,0 +1,51 @@
+"""Obviously-correct float64 NumPy references for the tests."""
+
+import numpy as np
+
+
+def mlp_per_example_gradients(weights, x, y):
+  """Per-example gradients of softmax cross-entropy of a ReLU MLP, by hand.
+
+  Args:
+    weights: [(W [fan_in, fan_out], b [fan_out]), ...], ReLU after all but the last.
+    x: [batch, inputs].
+    y: [batch] int labels.
+
+  Returns:
+    [batch, *shape] float64 arrays in the order W1, b1, W2, b2, ...
+
+  For logits z = a W + b: d loss / d z = softmax(z) - onehot(y); back through a
+  layer, d loss / d a = delta W^T, and through ReLU, times (preactivation > 0);
+  d loss / d W = outer(a, delta) and d loss / d b = delta, example by example.
+  """
+  weights = [(np.asarray(w, np.float64), np.asarray(b, np.float64)) for w, b in weights]
+  activations, preactivations = [np.asarray(x, np.float64)], []
+  for i, (w, b) in enumerate(weights):
+    z = activations[-1] @ w + b
+    preactivations.append(z)
+    activations.append(np.maximum(z, 0) if i < len(weights) - 1 else z)
+  logits = activations[-1]
+  p = np.exp(logits - logits.max(axis=1, keepdims=True))
+  p /= p.sum(axis=1, keepdims=True)
+  delta = p - np.eye(logits.shape[1])[y]
+  grads = []
+  for i in reversed(range(len(weights))):
+    grads.append(delta)  # bias
+    grads.append(np.einsum('bi,bo->bio', activations[i], delta))  # kernel
+    if i > 0:
+      delta = (delta @ weights[i][0].T) * (preactivations[i - 1] > 0)
+  return grads[::-1]
+
+
+def winsorized_sum(per_example, c):
+  """sum_e clip(g_e, l, u), l and u nearest-rank percentiles, per coordinate."""
+  per_example = np.asarray(per_example, np.float64)
+  low, high = np.percentile(per_example, [c, 100 - c], axis=0, method='nearest')
+  return np.clip(per_example, low, high).sum(axis=0)
+
+
+def num_clipped(per_example, c):
+  """How many entries winsorization changes (strictly outside their bounds)."""
+  per_example = np.asarray(per_example, np.float64)
+  low, high = np.percentile(per_example, [c, 100 - c], axis=0, method='nearest')
+  return int(((per_example < low) | (per_example > high)).sum())

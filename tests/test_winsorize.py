@@ -1,0 +1,60 @@
+"""Winsorized sums against np.percentile(method='nearest') in float64."""
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from cg_tf import winsorize
+from tests import reference
+
+
+def fresh_values(kind, batch, shape, seed):
+  rng = np.random.default_rng(seed)
+  size = (batch, *shape)
+  if kind == 'normal':
+    return rng.normal(size=size).astype(np.float32)
+  if kind == 'ties':  # few distinct values: many ties at the percentile ranks
+    return rng.integers(-2, 3, size).astype(np.float32)
+  if kind == 'sparse':  # mostly zeros, like gradients of dead ReLUs
+    return (rng.normal(size=size) * (rng.random(size) < 0.1)).astype(np.float32)
+  if kind == 'constant':
+    return np.full(size, 0.25, np.float32)
+  raise ValueError(kind)
+
+
+class WinsorizeTest(parameterized.TestCase, tf.test.TestCase):
+
+  @parameterized.product(c=[0, 0.5, 1, 2, 4, 8, 25, 49.5], batch=[1, 2, 3, 7, 100],
+                         kind=['normal', 'ties', 'sparse', 'constant'])
+  def test_fast_and_reference_match_numpy(self, c, batch, kind):
+    values = fresh_values(kind, batch, (5, 3), seed=int(c * 10) + batch)
+    expected = reference.winsorized_sum(values, c)
+    self.assertAllClose(winsorize.winsorized_sum(tf.constant(values), c), expected,
+                        rtol=1e-5, atol=1e-5)
+    self.assertAllClose(winsorize.winsorized_sum_reference(tf.constant(values), c), expected,
+                        rtol=1e-5, atol=1e-5)
+
+  @parameterized.product(c=[1, 2, 4, 8], kind=['normal', 'ties', 'sparse'])
+  def test_clipped_count(self, c, kind):
+    values = fresh_values(kind, 100, (40,), seed=c)
+    _, num_clipped = winsorize.winsorized_sum_last_axis(tf.constant(values.T), c)
+    self.assertEqual(int(num_clipped), reference.num_clipped(values, c))
+
+  def test_batch_of_100_clips_exactly_c_each_side(self):
+    values = np.random.default_rng(0).permutation(100).astype(np.float32)[:, None]
+    # c = 2: the two lowest (0, 1) become 2, the two highest (98, 99) become 97.
+    expected = values.sum() + (2 - 0) + (2 - 1) - (98 - 97) - (99 - 97)
+    self.assertAllClose(winsorize.winsorized_sum(tf.constant(values), 2), [expected])
+
+  def test_c_zero_is_plain_sum(self):
+    values = fresh_values('normal', 10, (4,), 1)
+    self.assertAllEqual(winsorize.winsorized_sum(tf.constant(values), 0),
+                        tf.reduce_sum(values, axis=0))
+
+  @parameterized.product(batch=[1, 2, 3, 4, 5, 7, 10, 33, 100], c=[0.5, 1, 2.5, 10, 12.5, 25,
+                                                                   37.5, 45])
+  def test_nearest_ranks_match_tfp(self, batch, c):
+    ranks = tf.range(batch, dtype=tf.float32)
+    low, high = tfp.stats.percentile(ranks, [c, 100 - c], interpolation='nearest').numpy()
+    self.assertEqual(winsorize.nearest_ranks(c, batch), (int(low), int(high)))
