@@ -84,7 +84,7 @@ class Experiment:
 
   def _gradients(self, images: tf.Tensor, labels: tf.Tensor):
     """(gradient per trainable variable, mean loss) of one minibatch."""
-    c, batch = self.config.winsor_c, tf.cast(tf.shape(labels)[0], tf.float32)
+    c, batch = float(self.config.winsor_c), tf.cast(tf.shape(labels)[0], tf.float32)
     variables = self.model.trainable_variables
     if c == 0:
       with tf.GradientTape() as tape:
@@ -102,10 +102,8 @@ class Experiment:
                                                           loss_scale=1.0 / self.batch_size)
     by_variable, num_clipped = {}, tf.constant(0, tf.int64)
     for layer, a, delta in factors:
-      # Built batch-last so that top_k needs no transpose.
-      kernel_sum, kernel_clipped = winsorize.winsorized_sum_last_axis(
-          tf.einsum('bi,bo->iob', a, delta), c)
-      bias_sum, bias_clipped = winsorize.winsorized_sum_last_axis(tf.transpose(delta), c)
+      kernel_sum, kernel_clipped = winsorize.winsorized_outer_sum_and_count(a, delta, c)
+      bias_sum, bias_clipped = winsorize.winsorized_sum_and_count(delta, c)
       by_variable[id(layer.kernel)] = kernel_sum
       by_variable[id(layer.bias)] = bias_sum
       num_clipped += kernel_clipped + bias_clipped

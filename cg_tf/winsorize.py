@@ -7,18 +7,28 @@ np.percentile call 'nearest': the value at sorted position round(q/100 *
 (batch - 1)), rounding half to even, so that c = 2 with a batch of 100 clips
 exactly the two lowest and the two highest values.
 
-`winsorized_sum_reference` is the definition, via tfp.stats.percentile.
-`winsorized_sum` is the fast exact path: only the k smallest and largest values
-matter, found with tf.math.top_k instead of a sort, and
-sum_e clip(g_e, l, u) = sum_e g_e + sum_{i<k_low} (l - s_i) - sum_{i>k_high} (s_i - u)
-for sorted values s. Ties need no care: the identity holds rank by rank.
+`winsorized_sum_reference` is the definition, via tfp.stats.percentile: it
+sorts every coordinate's batch. The fast exact path needs only the k_high + 1
+largest and k_low + 1 smallest values of each coordinate (k = how many are
+clipped on that side), because for sorted values s_0 <= ... <= s_{B-1},
+  sum_e clip(g_e, l, u) = sum_e g_e + sum_{i<k_low} (l - s_i) - sum_{i>B-1-k_high} (s_i - u).
+It keeps them in registers with a min/max insertion network, streaming over the
+examples under XLA; a Dense layer's per-example gradient outer(a_e, delta_e)
+is formed on the fly, so the [batch, fan_in, fan_out] tensor never exists. The
+network treats values as a multiset, so ties need no care. Measured against
+tf.math.top_k by analysis/bench_step.py (README).
 """
 
-from typing import Tuple
+from typing import Callable, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+
+# Examples inserted per iteration of the in-XLA loop. Larger unrolls keep the
+# running extremes in registers longer but compile slowly for large c (an
+# unrolled batch of 100 at c = 8 took minutes to compile); 10 measured best.
+CHUNK = 10
 
 
 def nearest_ranks(c: float, batch: int) -> Tuple[int, int]:
@@ -41,35 +51,99 @@ def winsorized_sum_reference(per_example: tf.Tensor, c: float) -> tf.Tensor:
   return tf.reduce_sum(tf.clip_by_value(per_example, bounds[0], bounds[1]), axis=0)
 
 
-def winsorized_sum_last_axis(values: tf.Tensor, c: float) -> Tuple[tf.Tensor, tf.Tensor]:
-  """Fast exact winsorized sum over the last axis.
+def _insert(largest: Sequence[tf.Tensor], smallest: Sequence[tf.Tensor], x: tf.Tensor):
+  """Inserts x into descending `largest` and ascending `smallest` (both kept sorted)."""
+  largest, smallest = list(largest), list(smallest)
+  carry = x
+  for j, level in enumerate(largest):
+    largest[j], carry = tf.maximum(level, carry), tf.minimum(level, carry)
+  carry = x
+  for j, level in enumerate(smallest):
+    smallest[j], carry = tf.minimum(level, carry), tf.maximum(level, carry)
+  return tuple(largest), tuple(smallest)
+
+
+def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,
+                         total: tf.Tensor, c: float) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Winsorized sum of example(0), ..., example(batch - 1), each of `shape`.
 
   Args:
-    values: [..., batch]; the batch axis is last because top_k works there.
+    example: e (an int32 scalar tensor) -> that example's values, [*shape].
+    batch: number of examples.
+    shape: shape of one example's values.
+    total: [*shape], the plain sum (computed by the caller the cheapest way).
+    c: percentile.
+
+  Returns:
+    (winsorized sum [*shape], int64 count of entries strictly outside their bounds).
+  """
+  low, high = nearest_ranks(c, batch)
+  num_high = batch - 1 - high
+  largest = tuple(tf.fill(shape, -np.inf) for _ in range(num_high + 1))
+  smallest = tuple(tf.fill(shape, np.inf) for _ in range(low + 1))
+
+  def insert_chunk(first, largest, smallest, size):
+    for k in range(size):
+      largest, smallest = _insert(largest, smallest, example(first + k))
+    return largest, smallest
+
+  def body(i, largest, smallest):
+    return (i + 1, *insert_chunk(i * CHUNK, largest, smallest, CHUNK))
+
+  num_chunks = batch // CHUNK
+  _, largest, smallest = tf.while_loop(lambda i, *_: i < num_chunks, body,
+                                       (tf.constant(0), largest, smallest))
+  largest, smallest = insert_chunk(tf.constant(num_chunks * CHUNK), largest, smallest,
+                                   batch % CHUNK)
+  upper, lower = largest[num_high], smallest[low]
+  num_clipped = tf.constant(0, tf.int64)
+  if num_high:
+    above = tf.stack(largest[:num_high])
+    total -= tf.reduce_sum(above, axis=0) - num_high * upper
+    num_clipped += tf.math.count_nonzero(above > upper)
+  if low:
+    below = tf.stack(smallest[:low])
+    total += low * lower - tf.reduce_sum(below, axis=0)
+    num_clipped += tf.math.count_nonzero(below < lower)
+  return total, num_clipped
+
+
+@tf.function(jit_compile=True)
+def winsorized_sum_and_count(per_example: tf.Tensor, c: float) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Fast exact winsorized sum over axis 0, and how many entries clipping changed.
+
+  Args:
+    per_example: [batch, ...] with a static batch size.
+    c: percentile in [0, 50) (a Python number: each value compiles once).
+
+  Returns:
+    ([...] winsorized sum, int64 scalar count of entries strictly outside
+    their coordinate's bounds; an entry equal to its bound is unchanged).
+  """
+  return _winsorize_streaming(lambda e: per_example[e], per_example.shape[0],
+                              per_example.shape[1:], tf.reduce_sum(per_example, axis=0), c)
+
+
+@tf.function(jit_compile=True)
+def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor,
+                                   c: float) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Winsorized sum over e of outer(activations[e], deltas[e]), never materialised.
+
+  This is a Dense kernel's winsorized gradient: example e's kernel gradient is
+  the outer product of the layer's input a_e and its back-propagated error.
+
+  Args:
+    activations: [batch, fan_in].
+    deltas: [batch, fan_out].
     c: percentile in [0, 50).
 
   Returns:
-    (winsorized sum [...], number of entries that clipping changed, an int64
-    scalar). An entry equal to its bound counts as unchanged.
+    ([fan_in, fan_out] winsorized sum, int64 scalar count of clipped entries).
   """
-  batch = values.shape[-1]
-  total = tf.reduce_sum(values, axis=-1)
-  low, high = nearest_ranks(c, batch)
-  num_high = batch - 1 - high
-  num_clipped = tf.constant(0, tf.int64)
-  if num_high > 0:
-    largest = tf.math.top_k(values, num_high + 1, sorted=True).values
-    upper = largest[..., num_high]
-    above = largest[..., :num_high]
-    total -= tf.reduce_sum(above, axis=-1) - num_high * upper
-    num_clipped += tf.math.count_nonzero(above > upper[..., tf.newaxis])
-  if low > 0:
-    smallest = -tf.math.top_k(-values, low + 1, sorted=True).values
-    lower = smallest[..., low]
-    below = smallest[..., :low]
-    total += low * lower - tf.reduce_sum(below, axis=-1)
-    num_clipped += tf.math.count_nonzero(below < lower[..., tf.newaxis])
-  return total, num_clipped
+  return _winsorize_streaming(
+      lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :],
+      activations.shape[0], [activations.shape[1], deltas.shape[1]],
+      tf.matmul(activations, deltas, transpose_a=True), c)
 
 
 def winsorized_sum(per_example: tf.Tensor, c: float) -> tf.Tensor:
@@ -85,6 +159,4 @@ def winsorized_sum(per_example: tf.Tensor, c: float) -> tf.Tensor:
   """
   if c == 0:
     return tf.reduce_sum(per_example, axis=0)
-  rank = len(per_example.shape)
-  batch_last = tf.transpose(per_example, list(range(1, rank)) + [0])
-  return winsorized_sum_last_axis(batch_last, c)[0]
+  return winsorized_sum_and_count(per_example, float(c))[0]

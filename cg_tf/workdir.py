@@ -1,4 +1,4 @@
-"""The run directory: creating it, and refusing to mix two runs in one."""
+"""The run directory: creating it, refusing to mix two runs in one, reading it back."""
 
 import dataclasses
 import json
@@ -60,3 +60,29 @@ def save_examples(workdir: str, record: Dict[str, np.ndarray]) -> None:
   tmp = os.path.join(workdir, EXAMPLES_FILE + '.tmp.npz')
   np.savez(tmp, **record)
   os.replace(tmp, os.path.join(workdir, EXAMPLES_FILE))
+
+
+def read_config(workdir: str) -> Config:
+  """The Config a run directory was made with."""
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    return Config.from_json(f.read())
+
+
+def read_examples(workdir: str) -> Dict[str, np.ndarray]:
+  """examples.npz as a dict of [n_train] arrays."""
+  with np.load(os.path.join(workdir, EXAMPLES_FILE)) as record:
+    return {key: record[key] for key in record.files}
+
+
+def read_scalars(workdir: str):
+  """Every scalar summary of a run as a pandas DataFrame indexed by step, one column a tag.
+
+  Reads the event files with tbparse. A resumed run rewrites the steps between
+  its last checkpoint and the kill; the last value written wins.
+  """
+  from tbparse import SummaryReader  # pylint: disable=g-import-not-at-top
+  frame = SummaryReader(workdir).tensors
+  if frame.empty:
+    raise UserInputError(f'{workdir} has no scalar summaries; is it a run directory?')
+  frame = frame.drop_duplicates(['tag', 'step'], keep='last')
+  return frame.pivot(index='step', columns='tag', values='value').sort_index()

@@ -38,8 +38,20 @@ class WinsorizeTest(parameterized.TestCase, tf.test.TestCase):
   @parameterized.product(c=[1, 2, 4, 8], kind=['normal', 'ties', 'sparse'])
   def test_clipped_count(self, c, kind):
     values = fresh_values(kind, 100, (40,), seed=c)
-    _, num_clipped = winsorize.winsorized_sum_last_axis(tf.constant(values.T), c)
+    _, num_clipped = winsorize.winsorized_sum_and_count(tf.constant(values), float(c))
     self.assertEqual(int(num_clipped), reference.num_clipped(values, c))
+
+  @parameterized.product(c=[1, 2, 8, 30], batch=[1, 9, 10, 23, 100], kind=['normal', 'ties'])
+  def test_outer_products_match_numpy(self, c, batch, kind):
+    rng = np.random.default_rng(batch + c)
+    activations = np.maximum(fresh_values(kind, batch, (6,), c), 0)  # ReLU outputs
+    activations[rng.random(activations.shape) < 0.3] = 0  # and dead units
+    deltas = fresh_values(kind, batch, (4,), c + 1)
+    per_example = np.einsum('bi,bo->bio', activations, deltas)
+    total, num_clipped = winsorize.winsorized_outer_sum_and_count(
+        tf.constant(activations), tf.constant(deltas), float(c))
+    self.assertAllClose(total, reference.winsorized_sum(per_example, c), rtol=1e-5, atol=1e-5)
+    self.assertEqual(int(num_clipped), reference.num_clipped(per_example, c))
 
   def test_batch_of_100_clips_exactly_c_each_side(self):
     values = np.random.default_rng(0).permutation(100).astype(np.float32)[:, None]

@@ -1,0 +1,125 @@
+"""Figure 1 of the paper from label-noise run directories.
+
+  python analysis/figure1.py --runs=runs/noise0,runs/noise25,runs/noise50,runs/noise75,runs/noise100 \
+      --out=figures/figure1.png
+
+Draws (a) training accuracy, (b) test accuracy, (c) training loss and (d) the
+fraction of pristine (solid) and corrupt (dashed) examples first learned by
+each step, one colour per noise level, into OUT and OUT with .pdf. Prints a
+markdown table of the numbers that §2.3's claims rest on.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_list('runs', None, 'Run directories, one per noise level.')
+flags.DEFINE_string('out', 'figure1.png', 'Output PNG; a PDF is written beside it.')
+FLAGS = flags.FLAGS
+
+
+def load_runs(run_dirs):
+  """[(noise, scalars DataFrame, examples dict)] sorted by noise."""
+  runs = [(workdir.read_config(d).noise, workdir.read_scalars(d), workdir.read_examples(d))
+          for d in run_dirs]
+  return sorted(runs, key=lambda run: run[0])
+
+
+def first_step_reaching(curve, level):
+  """First logged step at which `curve` (a Series by step) is >= level; None if never."""
+  reached = curve[curve >= level]
+  return None if reached.empty else int(reached.index[0])
+
+
+def fraction_learned_by(first_learned_step, steps):
+  """For each of `steps`, the fraction of examples first learned at or before it."""
+  learned = first_learned_step[first_learned_step >= 0]
+  return np.array([(learned <= s).sum() for s in steps]) / max(len(first_learned_step), 1)
+
+
+def plot_curves(ax, runs, tag, ylabel, colors):
+  for (noise, scalars, _), color in zip(runs, colors):
+    ax.plot(scalars.index, scalars[tag], color=color, label=f'{noise:.0%} noise')
+  ax.set_xscale('symlog', linthresh=1)
+  ax.set_xlabel('training step')
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+
+
+def plot_learned(ax, runs, colors):
+  for (noise, scalars, examples), color in zip(runs, colors):
+    steps = scalars.index.to_numpy()
+    corrupt = examples['corrupt']
+    if (~corrupt).any():
+      ax.plot(steps, fraction_learned_by(examples['first_learned_step'][~corrupt], steps),
+              color=color, label=f'{noise:.0%} pristine')
+    if corrupt.any():
+      ax.plot(steps, fraction_learned_by(examples['first_learned_step'][corrupt], steps),
+              color=color, linestyle='--', label=f'{noise:.0%} corrupt')
+  ax.set_xscale('symlog', linthresh=1)
+  ax.set_xlabel('training step')
+  ax.set_ylabel('fraction learned')
+  ax.grid(alpha=0.3)
+
+
+def draw(runs, out):
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(runs)))
+  fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+  plot_curves(axes[0], runs, 'train/accuracy', 'training accuracy', colors)
+  plot_curves(axes[1], runs, 'test/accuracy', 'test accuracy', colors)
+  plot_curves(axes[2], runs, 'train/loss', 'training loss', colors)
+  plot_learned(axes[3], runs, colors)
+  for ax, title in zip(axes, ['(a) Training accuracy', '(b) Test accuracy', '(c) Training loss',
+                              '(d) First step an example is learned']):
+    ax.set_title(title)
+  axes[0].legend(loc='lower right')
+  axes[3].legend(loc='upper left', fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=120)
+  fig.savefig(os.path.splitext(out)[0] + '.pdf')
+  plt.close(fig)
+
+
+def _format(row, tag):
+  value = row.get(tag, np.nan)
+  return '-' if np.isnan(value) else f'{value:.3f}'
+
+
+def summary_table(runs):
+  """Markdown rows: the numbers behind §2.3's claims, one row per noise level."""
+  rows = ['| noise | step to 90% train acc | final train acc | pristine acc / corrupt acc '
+          'at step 900 | best test acc (step) | final test acc |',
+          '|---|---|---|---|---|---|']
+  for noise, scalars, _ in runs:
+    at = scalars.loc[scalars.index[scalars.index <= 900][-1]]
+    split = f'{_format(at, "train_pristine/accuracy")} / {_format(at, "train_corrupt/accuracy")}'
+    test = scalars['test/accuracy']
+    rows.append(f'| {noise:.0%} | {first_step_reaching(scalars["train/accuracy"], 0.9)} | '
+                f'{scalars["train/accuracy"].iloc[-1]:.4f} | {split} | '
+                f'{test.max():.4f} ({int(test.idxmax())}) | {test.iloc[-1]:.4f} |')
+  return '\n'.join(rows)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.runs:
+    raise app.UsageError('--runs is required')
+  runs = load_runs(FLAGS.runs)
+  draw(runs, FLAGS.out)
+  print(summary_table(runs))
+  print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
