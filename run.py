@@ -40,6 +40,12 @@ flags.DEFINE_enum('winsor_impl', 'fast', ['fast', 'reference'],
                   'tfp.stats.percentile.')
 flags.DEFINE_bool('deterministic', False, 'Enable TensorFlow op determinism (GPU).')
 flags.DEFINE_integer('eval_batch_size', 10_000, 'Examples per evaluation forward pass.')
+flags.DEFINE_integer('decomp_every', 0, 'Measure the §2.4 pristine/corrupt decomposition '
+                     'every this many steps (0: off).')
+flags.DEFINE_integer('decomp_dense_steps', 10, '...and at every step up to this one.')
+flags.DEFINE_integer('null_worlds', 3, 'Null worlds (permuted designations) for §2.4.')
+flags.DEFINE_integer('decomp_sample_examples', 400, 'Examples in the sampled estimator.')
+flags.DEFINE_integer('decomp_sample_weights', 300, 'Weights per layer in the sampled estimator.')
 flags.DEFINE_string('logdir', None, 'Run directory: TensorBoard events, checkpoints, '
                     'examples.npz, config.json, flags.txt.')
 
@@ -82,7 +88,10 @@ def main(argv):
         steps=FLAGS.steps, eval_every=FLAGS.eval_every,
         checkpoint_every=FLAGS.checkpoint_every, winsor_c=FLAGS.winsor_c,
         winsor_impl=FLAGS.winsor_impl, deterministic=FLAGS.deterministic,
-        eval_batch_size=FLAGS.eval_batch_size)
+        eval_batch_size=FLAGS.eval_batch_size, decomp_every=FLAGS.decomp_every,
+        decomp_dense_steps=FLAGS.decomp_dense_steps, null_worlds=FLAGS.null_worlds,
+        decomp_sample_examples=FLAGS.decomp_sample_examples,
+        decomp_sample_weights=FLAGS.decomp_sample_weights)
     workdir.prepare(FLAGS.logdir, config)
     own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
     workdir.write_atomic(os.path.join(FLAGS.logdir, 'flags.txt'),

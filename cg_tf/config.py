@@ -33,6 +33,11 @@ class Config:
     winsor_impl: 'fast' (top_k on outer products) or 'reference' (tfp).
     deterministic: enable TensorFlow's op determinism (slower on GPU).
     eval_batch_size: examples per forward pass during evaluation.
+    decomp_every: measure the §2.4 decomposition every this many steps; 0 = off.
+    decomp_dense_steps: ...and at every step up to this one (Figure 3).
+    null_worlds: number K of null worlds (permuted pristine/corrupt designations).
+    decomp_sample_examples: examples in the paper's sampled estimator.
+    decomp_sample_weights: kernel weights per layer in the sampled estimator.
   """
   dataset: str = 'mnist'
   data_dir: Optional[str] = None
@@ -51,6 +56,11 @@ class Config:
   winsor_impl: str = 'fast'
   deterministic: bool = False
   eval_batch_size: int = 10_000
+  decomp_every: int = 0
+  decomp_dense_steps: int = 10
+  null_worlds: int = 3
+  decomp_sample_examples: int = 400
+  decomp_sample_weights: int = 300
 
   def __post_init__(self):
     object.__setattr__(self, 'hidden', tuple(int(h) for h in self.hidden))
@@ -82,6 +92,15 @@ class Config:
       problems.append(f'--winsor_c={self.winsor_c} must be in [0, 50)')
     if self.winsor_impl not in WINSOR_IMPLS:
       problems.append(f'--winsor_impl={self.winsor_impl} must be one of {", ".join(WINSOR_IMPLS)}')
+    for name in ('decomp_every', 'decomp_dense_steps', 'null_worlds'):
+      if getattr(self, name) < 0:
+        problems.append(f'--{name}={getattr(self, name)} must be >= 0')
+    for name in ('decomp_sample_examples', 'decomp_sample_weights'):
+      if getattr(self, name) <= 0:
+        problems.append(f'--{name}={getattr(self, name)} must be positive')
+    if self.winsor_c > 0 and self.batch_size == 0:
+      problems.append('--winsor_c needs a minibatch: winsorizing the full batch would hold '
+                      'every per-example gradient at once; set --batch_size')
     if problems:
       raise UserInputError('; '.join(problems))
 

@@ -25,3 +25,16 @@ def evaluation_steps(total_steps: int, eval_every: int, checkpoint_every: int) -
   steps.update(range(0, total_steps + 1, checkpoint_every))
   steps.add(total_steps)
   return sorted(steps)
+
+
+def decomposition_steps(total_steps: int, every: int, dense_steps: int) -> List[int]:
+  """Steps of the §2.4 decomposition: each step to `dense_steps`, the log-spaced
+  steps (Figure 2 is read on a log axis), and every `every`.
+
+  Empty when `every` is 0 (the decomposition is off).
+  """
+  if every == 0:
+    return []
+  steps = set(range(0, min(dense_steps, total_steps) + 1)) | set(log_spaced_steps(total_steps))
+  steps.update(range(0, total_steps + 1, every))
+  return sorted(steps)

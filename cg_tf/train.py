@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf import data as data_lib
+from cg_tf import decomposition
 from cg_tf import gradients
 from cg_tf import model as model_lib
 from cg_tf import schedule
@@ -221,9 +222,6 @@ def train_and_evaluate(config: Config, workdir: str,
   if dataset is None:
     dataset = data_lib.load(config.dataset, config.data_dir)
   noisy = data_lib.make_noisy(dataset, config.train_size, config.noise, config.noise_seed)
-  if config.winsor_c > 0 and config.winsor_impl == 'fast' and config.batch_size == 0:
-    log.warning('winsorizing a full batch of %d examples needs per-example gradients of '
-                'all of them at once', noisy.num_train)
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
@@ -233,13 +231,32 @@ def train_and_evaluate(config: Config, workdir: str,
   if manager.latest_checkpoint:
     manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     log.info('resuming at step %d from %s', experiment.step, manager.latest_checkpoint)
+  recorder = None
+  decomp_steps = set(schedule.decomposition_steps(config.steps, config.decomp_every,
+                                                  config.decomp_dense_steps))
+  if decomp_steps:
+    recorder = decomposition.Recorder(
+        experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
+        config.null_worlds, config.noise_seed, config.eval_batch_size,
+        config.decomp_sample_examples, config.decomp_sample_weights)
+    saved = workdir_lib.read_decomposition(workdir)
+    if saved is not None:
+      recorder.restore(saved, experiment.step)
   writer = tf.summary.create_file_writer(workdir)
-  eval_steps = schedule.evaluation_steps(config.steps, config.eval_every, config.checkpoint_every)
+  eval_steps = set(schedule.evaluation_steps(config.steps, config.eval_every,
+                                             config.checkpoint_every))
   checkpoint_steps = set(range(0, config.steps + 1, config.checkpoint_every)) | {config.steps}
   metrics: Dict[str, float] = {}
   log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d',
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
            experiment.batch_size)
+
+  def decompose():
+    step = experiment.step
+    with writer.as_default(step=step):
+      for name, value in recorder.measure(step).items():
+        tf.summary.scalar(name, value)
+    workdir_lib.save_decomposition(workdir, recorder.arrays())
 
   def evaluate_and_record(steps_per_second: Optional[float]):
     nonlocal metrics
@@ -271,15 +288,23 @@ def train_and_evaluate(config: Config, workdir: str,
     from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=g-import-not-at-top
     with writer.as_default():
       hparams_api.hparams(_hparams(config))
+    if 0 in decomp_steps:
+      decompose()
     evaluate_and_record(None)
-  for target in eval_steps:
+  for target in sorted(eval_steps | decomp_steps):
     step = experiment.step
     if target <= step:
       continue
     start = time.perf_counter()
     experiment.train_steps(tf.constant(target - step, tf.int64))
     experiment.optimizer.iterations.numpy()  # waits for the device before timing
-    evaluate_and_record((target - step) / (time.perf_counter() - start))
+    steps_per_second = (target - step) / (time.perf_counter() - start)
+    # The decomposition comes before the checkpoint that evaluation may write,
+    # so a run resumed from that checkpoint already has it.
+    if target in decomp_steps:
+      decompose()
+    if target in eval_steps:
+      evaluate_and_record(steps_per_second)
   if not metrics:
     log.info('run in %s already complete at step %d', workdir, experiment.step)
     metrics = experiment.evaluate()

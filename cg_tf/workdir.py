@@ -3,7 +3,7 @@
 import dataclasses
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from cg_tf.errors import UserInputError
 
 CONFIG_FILE = 'config.json'
 EXAMPLES_FILE = 'examples.npz'
+DECOMPOSITION_FILE = 'decomposition.npz'
 # Fields that may differ when a run is resumed: they do not change its numbers
 # (steps only extends or shortens it).
 RESUMABLE_CHANGES = ('steps', 'data_dir', 'eval_batch_size')
@@ -55,11 +56,29 @@ def write_atomic(path: str, payload: bytes) -> None:
   os.replace(tmp, path)
 
 
+def _save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
 def save_examples(workdir: str, record: Dict[str, np.ndarray]) -> None:
   """Writes examples.npz (one array per key, one entry per training example) atomically."""
-  tmp = os.path.join(workdir, EXAMPLES_FILE + '.tmp.npz')
-  np.savez(tmp, **record)
-  os.replace(tmp, os.path.join(workdir, EXAMPLES_FILE))
+  _save_npz(os.path.join(workdir, EXAMPLES_FILE), record)
+
+
+def save_decomposition(workdir: str, arrays: Dict[str, np.ndarray]) -> None:
+  """Writes decomposition.npz (decomposition.Recorder's records) atomically."""
+  _save_npz(os.path.join(workdir, DECOMPOSITION_FILE), arrays)
+
+
+def read_decomposition(workdir: str) -> Optional[Dict[str, np.ndarray]]:
+  """decomposition.npz as a dict, or None if the run has none."""
+  path = os.path.join(workdir, DECOMPOSITION_FILE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as record:
+    return {key: record[key] for key in record.files}
 
 
 def read_config(workdir: str) -> Config:

@@ -1,0 +1,105 @@
+"""Figure 4 of the paper from winsorized-SGD run directories.
+
+  python analysis/figure4.py --runs='runs/winsorized/*' --out=figures/figure4.png
+
+Finds each run's noise level and c in its config.json and draws the grid: rows
+c, columns noise; in each cell training accuracy (ta), test accuracy (va) and
+overfit = ta - [noise * 0.1 + (1 - noise) * va] (§3.3), plus the proper
+accuracy (dotted). Prints a markdown table of the final values.
+"""
+
+import glob
+import os
+import sys
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
+flags.DEFINE_string('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
+FLAGS = flags.FLAGS
+
+
+def proper_accuracy(noise):
+  """Fraction of training labels left correct by permuting a `noise` fraction (§2.1)."""
+  return 1 - noise + 0.1 * noise
+
+
+def load_grid(patterns):
+  """{(c, noise): scalars DataFrame} of every run directory matched."""
+  grid = {}
+  for pattern in patterns:
+    for run_dir in sorted(glob.glob(pattern)):
+      if os.path.exists(os.path.join(run_dir, workdir.CONFIG_FILE)):
+        config = workdir.read_config(run_dir)
+        grid[(config.winsor_c, config.noise)] = workdir.read_scalars(run_dir)
+  return grid
+
+
+def plot_cell(ax, scalars, noise):
+  ax.plot(scalars.index, scalars['train/accuracy'], label='ta', color='tab:blue')
+  ax.plot(scalars.index, scalars['test/accuracy'], label='va', color='tab:orange')
+  ax.plot(scalars.index, scalars['overfit'], label='overfit', color='tab:red')
+  ax.axhline(proper_accuracy(noise), color='gray', linestyle=':', linewidth=1)
+  ax.set_ylim(-0.05, 1.05)
+  ax.grid(alpha=0.3)
+
+
+def draw(grid, out):
+  cs = sorted({c for c, _ in grid})
+  noises = sorted({n for _, n in grid})
+  fig, axes = plt.subplots(len(cs), len(noises), figsize=(3.2 * len(noises), 2.4 * len(cs)),
+                           sharex=True, sharey=True, squeeze=False)
+  for i, c in enumerate(cs):
+    for j, noise in enumerate(noises):
+      ax = axes[i][j]
+      if (c, noise) in grid:
+        plot_cell(ax, grid[(c, noise)], noise)
+      else:
+        ax.text(0.5, 0.5, 'not run', ha='center', transform=ax.transAxes)
+      if i == 0:
+        ax.set_title(f'{noise:.0%} label noise')
+      if j == 0:
+        ax.set_ylabel(f'c = {c:g}')
+      if i == len(cs) - 1:
+        ax.set_xlabel('training step')
+  axes[0][0].legend(loc='lower right', fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=110)
+  fig.savefig(os.path.splitext(out)[0] + '.pdf')
+  plt.close(fig)
+
+
+def summary_table(grid):
+  rows = ['| c | noise | proper acc | final train acc | final test acc | best test acc | '
+          'final overfit |', '|---|---|---|---|---|---|---|']
+  for (c, noise), scalars in sorted(grid.items()):
+    last = scalars.iloc[-1]
+    rows.append(f'| {c:g} | {noise:.0%} | {proper_accuracy(noise):.3f} | '
+                f'{last["train/accuracy"]:.3f} | {last["test/accuracy"]:.3f} | '
+                f'{scalars["test/accuracy"].max():.3f} | {last["overfit"]:.3f} |')
+  return '\n'.join(rows)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.runs:
+    raise app.UsageError('--runs is required')
+  grid = load_grid(FLAGS.runs)
+  if not grid:
+    raise app.UsageError(f'no run directories match {FLAGS.runs}')
+  draw(grid, FLAGS.out)
+  print(summary_table(grid))
+  print(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
