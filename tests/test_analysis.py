@@ -1,0 +1,65 @@
+"""The analysis scripts, run as a user runs them, on tiny real run directories."""
+
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+import numpy as np
+
+from cg_tf import train
+from tests import test_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', name), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+class AnalysisTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_analysis_{os.getpid()}')
+    dataset = test_train.separable_dataset(num_train=120)
+    cls.runs = []
+    for noise, c in ((0.0, 0), (0.5, 0), (0.5, 10)):
+      run_dir = os.path.join(cls.root, f'n{noise}_c{c}')
+      config = test_train.tiny_config(noise=noise, winsor_c=c, steps=40, decomp_every=20,
+                                      decomp_dense_steps=10, decomp_sample_examples=30,
+                                      decomp_sample_weights=10)
+      train.train_and_evaluate(config, run_dir, dataset)
+      cls.runs.append(run_dir)
+
+  def test_figure1(self):
+    out = os.path.join(self.root, 'figs', 'figure1.png')
+    table = run_script('figure1.py', f'--runs={",".join(self.runs[:2])}', f'--out={out}')
+    self.assertTrue(os.path.getsize(out) > 10_000)
+    self.assertTrue(os.path.exists(out.replace('.png', '.pdf')))
+    self.assertIn('| 50% |', table)
+
+  def test_figure4(self):
+    out = os.path.join(self.root, 'figs', 'figure4.png')
+    table = run_script('figure4.py', f'--runs={self.root}/n0.5_c*', f'--out={out}')
+    self.assertTrue(os.path.getsize(out) > 10_000)
+    self.assertIn('| 10 | 50% | 0.550 |', table)
+
+  def test_figures_2_3(self):
+    out_dir = os.path.join(self.root, 'figs')
+    table = run_script('figures_2_3.py', f'--runs={self.runs[1]}', f'--out_dir={out_dir}')
+    for name in ('figure2.png', 'figure3.png'):
+      self.assertTrue(os.path.getsize(os.path.join(out_dir, name)) > 10_000)
+    rows = [line for line in table.splitlines() if line.startswith('| 50% |')]
+    self.assertLen(rows, 4)  # the actual world and 3 null worlds
+    f_pristine_at_0 = [float(row.split('|')[3]) for row in rows]
+    self.assertTrue(all(0 < f < 1.5 for f in f_pristine_at_0), f_pristine_at_0)
+    self.assertFalse(np.isnan(f_pristine_at_0).any())
+
+
+if __name__ == '__main__':
+  absltest.main()
