@@ -1,0 +1,210 @@
+"""One command reproduces the paper: every run, every figure, REPORT.md.
+
+  python analysis/reproduce.py --scale=mini --data_dir=../shared/data/mnist --out=repro
+
+`mini` uses the CPU-sized flagfiles (flags/*_cpu.cfg) and `full` the paper's.
+Runs go to OUT/runs/, logs to OUT/logs/, and figures and REPORT.md to OUT/.
+Finished runs are reused, interrupted ones resume from their checkpoints, and
+`--parallel` runs several at once. `--seeds=N` repeats every run with
+seed = noise_seed = 0..N-1; the report counts the seeds that agree with each
+claim, and the figures show seed 0.
+"""
+
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import decomposition  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_enum('scale', 'mini', ['mini', 'full'], 'mini: 2 CPU cores; full: the paper.')
+flags.DEFINE_string('out', 'repro', 'Output directory.')
+flags.DEFINE_string('data_dir', None, 'MNIST IDX directory (else tfds).')
+flags.DEFINE_integer('seeds', 1, 'Seeds per run.')
+flags.DEFINE_integer('parallel', 1, 'Runs at once.')
+flags.DEFINE_list('experiments', ['label_noise', 'decomposition', 'winsorized'],
+                  'Which experiments to run.')
+FLAGS = flags.FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOISES = (0.0, 0.25, 0.5, 0.75, 1.0)
+DECOMPOSITION_NOISES = (0.25, 0.5, 0.75)
+CS = (0, 1, 2, 4, 8)
+
+
+def run_specs(scale, seeds, experiments):
+  """[(run name, [run.py flags])] for the experiments at `scale`."""
+  suffix = '_cpu' if scale == 'mini' else ''
+  specs = []
+  for seed in range(seeds):
+    tag = '' if seed == 0 else f'_s{seed}'
+    seeding = [f'--seed={seed}', f'--noise_seed={seed}']
+    if 'label_noise' in experiments:
+      specs += [(f'label_noise/noise{n:g}{tag}',
+                 [f'--flagfile=flags/label_noise{suffix}.cfg', f'--noise={n}', *seeding])
+                for n in NOISES]
+    if 'decomposition' in experiments:
+      specs += [(f'decomposition/noise{n:g}{tag}',
+                 [f'--flagfile=flags/decomposition{suffix}.cfg', f'--noise={n}', *seeding])
+                for n in DECOMPOSITION_NOISES]
+    if 'winsorized' in experiments:
+      specs += [(f'winsorized/n{n:g}_c{c}{tag}',
+                 [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
+                  *seeding]) for n in NOISES for c in CS]
+  return specs
+
+
+def is_complete(run_dir):
+  """True if the run's latest checkpoint is at its last step."""
+  try:
+    steps = workdir.read_config(run_dir).steps
+    with open(os.path.join(run_dir, 'checkpoints', 'checkpoint')) as f:
+      latest = re.search(r'model_checkpoint_path: ".*ckpt-(\d+)"', f.read())
+  except (OSError, ValueError):
+    return False
+  return bool(latest) and int(latest.group(1)) == steps
+
+
+def run_all(specs, out, data_dir, parallel):
+  """Runs what is missing or unfinished; prints progress; returns failed run names."""
+  todo = [(name, args) for name, args in specs if not is_complete(os.path.join(out, 'runs', name))]
+  print(f'{len(specs) - len(todo)} of {len(specs)} runs already finished; {len(todo)} to run',
+        flush=True)
+  lock, done, failed, start = threading.Lock(), [0], [], time.time()
+
+  def one(spec):
+    name, args = spec
+    log_path = os.path.join(out, 'logs', name + '.log')
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    command = [sys.executable, os.path.join(ROOT, 'run.py'), *args,
+               f'--logdir={os.path.join(out, "runs", name)}']
+    if data_dir:
+      command.append(f'--data_dir={os.path.abspath(data_dir)}')
+    began = time.time()
+    with open(log_path, 'a') as log:
+      code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with lock:
+      done[0] += 1
+      if code:
+        failed.append(name)
+      elapsed = time.time() - start
+      eta = elapsed / done[0] * (len(todo) - done[0]) / 60
+      print(f'[{done[0]}/{len(todo)}] {name}: {"FAILED, see " + log_path if code else "done"} '
+            f'in {time.time() - began:.0f} s; {elapsed / 60:.1f} min so far, ETA {eta:.1f} min',
+            flush=True)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    list(pool.map(one, todo))
+  return failed
+
+
+def draw_figures(out, experiments):
+  runs = os.path.join(out, 'runs')
+  scripts = []
+  if 'label_noise' in experiments:
+    scripts.append(['figure1.py', '--runs=' + ','.join(
+        os.path.join(runs, f'label_noise/noise{n:g}') for n in NOISES),
+                    f'--out={out}/figure1.png'])
+  if 'decomposition' in experiments:
+    scripts.append(['figures_2_3.py', '--runs=' + ','.join(
+        os.path.join(runs, f'decomposition/noise{n:g}') for n in DECOMPOSITION_NOISES),
+                    f'--out_dir={out}'])
+  if 'winsorized' in experiments:
+    scripts.append(['figure4.py', f'--runs={runs}/winsorized/n*_c?', f'--out={out}/figure4.png'])
+  for script, *args in scripts:
+    subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script), *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def checks_for_seed(out, tag, experiments):
+  """{(section, claim, quantity): Verdict} for the runs of one seed."""
+  runs = os.path.join(out, 'runs')
+  results = {}
+  if 'label_noise' in experiments:
+    scalars = {n: workdir.read_scalars(os.path.join(runs, f'label_noise/noise{n:g}{tag}'))
+               for n in NOISES}
+    results[('2.3 (1)', 'time to a given training accuracy grows with noise',
+             'first step with train acc >= 90%')] = claims.time_to_accuracy_grows_with_noise(
+                 {n: s['train/accuracy'] for n, s in scalars.items()})
+    for n in (0.25, 0.5, 0.75):
+      examples = workdir.read_examples(os.path.join(runs, f'label_noise/noise{n:g}{tag}'))
+      results[('2.3 (2)', f'pristine examples are learned faster than corrupt ({n:.0%})',
+               'median first-learned step')] = claims.pristine_learned_first(
+                   examples['first_learned_step'], examples['corrupt'])
+    results[('2.3 (3)', 'with fewer pristine examples they are learned more slowly',
+             'pristine accuracy, steps 1-10, 0% vs 25%')] = claims.fewer_pristine_learned_slower(
+                 scalars[0.0]['train_pristine/accuracy'], scalars[0.25]['train_pristine/accuracy'])
+    results[('2.3', 'all variants fit their training set', 'final train acc >= 99%')] = \
+        claims.all_fit({n: float(s['train/accuracy'].iloc[-1]) for n, s in scalars.items()})
+    for n in (0.5, 0.75, 1.0):
+      results[('2.3', f'early stopping beats the final test accuracy ({n:.0%})',
+               'best vs final test acc')] = claims.early_stopping_helps(
+                   scalars[n]['test/accuracy'].dropna())
+  if 'decomposition' in experiments:
+    for n in (0.25, 0.5):
+      record = workdir.read_decomposition(os.path.join(runs, f'decomposition/noise{n:g}{tag}'))
+      f = decomposition.fractions(record['inner'])
+      results[('2.4', f'f^p starts above f^c and crosses ({n:.0%})', 'exact f^p, f^c')] = \
+          claims.pristine_dominates_then_crosses(record['step'], f[:, 0])
+      results[('2.4', f'no crossing in null worlds ({n:.0%})', 'exact f^p, f^c')] = \
+          claims.nulls_do_not_cross(f[:, 1:])
+  if 'winsorized' in experiments:
+    grid = {(n, c): workdir.read_scalars(os.path.join(runs, f'winsorized/n{n:g}_c{c}{tag}'))
+            for n in NOISES for c in CS}
+    for n in (0.25, 0.5, 0.75, 1.0):
+      for c in (2, 4, 8):
+        results[('3.3', f'c = {c} keeps training accuracy at most proper ({n:.0%})',
+                 'final train acc <= proper + 0.02')] = claims.winsorized_stays_at_proper(
+                     float(grid[(n, c)]['train/accuracy'].iloc[-1]), 1 - 0.9 * n)
+      results[('3.3', f'overfit grows more slowly as c grows ({n:.0%})',
+               'final overfit, c = 0..8')] = claims.overfit_falls_with_c(
+                   {c: float(grid[(n, c)]['overfit'].iloc[-1]) for c in CS})
+  return results
+
+
+def write_report(out, seeds, experiments, scale, minutes):
+  per_seed = [checks_for_seed(out, '' if s == 0 else f'_s{s}', experiments) for s in range(seeds)]
+  rows = []
+  for key, verdict in per_seed[0].items():
+    agree = sum(results[key].passed for results in per_seed)
+    rows.append({'section': key[0], 'claim': key[1], 'test': key[2], 'measured': verdict.measured,
+                 'verdict': ('PASS' if verdict.passed else 'FAIL') +
+                            (f' ({agree}/{seeds} seeds)' if seeds > 1 else '')})
+  figures = [f for f in ('figure1.png', 'figure2.png', 'figure3.png', 'figure4.png')
+             if os.path.exists(os.path.join(out, f))]
+  text = (f'# Coherent Gradients: claims checked ({scale} scale)\n\n'
+          f'{sum(r["verdict"].startswith("PASS") for r in rows)} of {len(rows)} checks pass '
+          f'(seed 0{f", {seeds} seeds" if seeds > 1 else ""}); runs and figures took '
+          f'{minutes:.1f} min in this invocation.\n\n{claims.as_markdown(rows)}\n\n' +
+          ''.join(f'![{f}]({f})\n\n' for f in figures))
+  with open(os.path.join(out, 'REPORT.md'), 'w') as f:
+    f.write(text)
+  return text
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  os.makedirs(FLAGS.out, exist_ok=True)
+  specs = run_specs(FLAGS.scale, FLAGS.seeds, FLAGS.experiments)
+  failed = run_all(specs, FLAGS.out, FLAGS.data_dir, FLAGS.parallel)
+  if failed:
+    print(f'reproduce.py: error: {len(failed)} runs failed ({", ".join(failed)}); see '
+          f'{FLAGS.out}/logs/ and rerun to resume', file=sys.stderr)
+    sys.exit(1)
+  draw_figures(FLAGS.out, FLAGS.experiments)
+  print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale,
+                     (time.time() - start) / 60))
+
+
+if __name__ == '__main__':
+  app.run(main)
