@@ -13,6 +13,11 @@ def log_spaced_steps(total_steps: int) -> List[int]:
   return sorted(s for s in steps if s <= total_steps)
 
 
+def checkpoint_steps(total_steps: int, checkpoint_every: int) -> List[int]:
+  """Every `checkpoint_every` steps from 0, and the last step."""
+  return sorted(set(range(0, total_steps + 1, checkpoint_every)) | {total_steps})
+
+
 def evaluation_steps(total_steps: int, eval_every: int, checkpoint_every: int) -> List[int]:
   """Every step at which the loop stops to evaluate, ascending.
 
@@ -22,8 +27,7 @@ def evaluation_steps(total_steps: int, eval_every: int, checkpoint_every: int) -
   """
   steps = set(log_spaced_steps(total_steps))
   steps.update(range(0, total_steps + 1, eval_every))
-  steps.update(range(0, total_steps + 1, checkpoint_every))
-  steps.add(total_steps)
+  steps.update(checkpoint_steps(total_steps, checkpoint_every))
   return sorted(steps)
 
 

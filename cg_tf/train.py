@@ -41,8 +41,8 @@ log = logging.getLogger('cg_tf')
 class Experiment:
   """Model, optimizer, data on the device, and the compiled functions.
 
-  Build it under the strategy's scope; `train_steps` and `evaluate` are the
-  only entry points the loop needs.
+  Model, optimizer and per-example state are created under `strategy.scope()`;
+  `train_steps` and `evaluate` are the only entry points the loop needs.
   """
 
   def __init__(self, config: Config, noisy: data_lib.NoisyDataset,
@@ -245,7 +245,7 @@ def train_and_evaluate(config: Config, workdir: str,
   writer = tf.summary.create_file_writer(workdir)
   eval_steps = set(schedule.evaluation_steps(config.steps, config.eval_every,
                                              config.checkpoint_every))
-  checkpoint_steps = set(range(0, config.steps + 1, config.checkpoint_every)) | {config.steps}
+  checkpoint_steps = set(schedule.checkpoint_steps(config.steps, config.checkpoint_every))
   metrics: Dict[str, float] = {}
   log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d',
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
