@@ -1,0 +1,32 @@
+"""reproduce.py's bookkeeping: which runs exist at each scale, and which are finished."""
+
+import tensorflow as tf
+
+from analysis import reproduce
+from cg_tf import config as config_lib
+from cg_tf import workdir
+
+
+class ReproduceTest(tf.test.TestCase):
+
+  def test_run_specs(self):
+    specs = reproduce.run_specs('mini', 2, ['label_noise', 'decomposition', 'winsorized'])
+    self.assertLen(specs, 2 * (5 + 3 + 25))
+    names = [name for name, _ in specs]
+    self.assertLen(set(names), len(names))
+    self.assertIn('winsorized/n0.5_c4', names)
+    self.assertIn('label_noise/noise0.25_s1', names)
+    flags = dict(specs)['winsorized/n0.5_c4']
+    self.assertIn('--flagfile=flags/winsorized_cpu.cfg', flags)
+    self.assertIn('--winsor_c=4', flags)
+    full = dict(reproduce.run_specs('full', 1, ['label_noise']))
+    self.assertIn('--flagfile=flags/label_noise.cfg', full['label_noise/noise1'])
+
+  def test_is_complete(self):
+    run_dir = self.create_tempdir()
+    self.assertFalse(reproduce.is_complete(run_dir.full_path))
+    workdir.prepare(run_dir.full_path, config_lib.Config(steps=3000))
+    run_dir.create_file('checkpoints/checkpoint', 'model_checkpoint_path: "ckpt-2000"\n')
+    self.assertFalse(reproduce.is_complete(run_dir.full_path))
+    run_dir.create_file('checkpoints/checkpoint', 'model_checkpoint_path: "ckpt-3000"\n')
+    self.assertTrue(reproduce.is_complete(run_dir.full_path))
