@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories, one per noise level.')
@@ -84,11 +85,7 @@ def draw(runs, out):
     ax.set_title(title)
   axes[0].legend(loc='lower right')
   axes[3].legend(loc='upper left', fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=120)
-  fig.savefig(os.path.splitext(out)[0] + '.pdf')
-  plt.close(fig)
+  plotting.save(fig, out, dpi=120)
 
 
 def _format(row, tag):

@@ -20,6 +20,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
@@ -64,18 +65,9 @@ def draw(grid, out):
         plot_cell(ax, grid[(c, noise)], noise)
       else:
         ax.text(0.5, 0.5, 'not run', ha='center', transform=ax.transAxes)
-      if i == 0:
-        ax.set_title(f'{noise:.0%} label noise')
-      if j == 0:
-        ax.set_ylabel(f'c = {c:g}')
-      if i == len(cs) - 1:
-        ax.set_xlabel('training step')
+  plotting.label_grid(axes, [f'{n:.0%} label noise' for n in noises], [f'c = {c:g}' for c in cs])
   axes[0][0].legend(loc='lower right', fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=110)
-  fig.savefig(os.path.splitext(out)[0] + '.pdf')
-  plt.close(fig)
+  plotting.save(fig, out)
 
 
 def summary_table(grid):

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import decomposition  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -76,14 +77,7 @@ def figure2(runs, out):
                 label=f'${name}$ sampled')
       ax.set_xscale('symlog', linthresh=1)
       ax.grid(alpha=0.3)
-      if world == 0:
-        ax.set_title(f'{noise:.0%} label noise')
-      if j == 0:
-        ax.set_ylabel(world_name(world))
-      if world == worlds - 1:
-        ax.set_xlabel('training step')
-  axes[0][0].legend(fontsize=7)
-  _save(fig, out)
+  _finish(fig, axes, runs, out)
 
 
 def figure3(runs, out, first_steps):
@@ -99,22 +93,14 @@ def figure3(runs, out, first_steps):
       ax.plot(steps[:shown], cumulative[:, world, 0], color='tab:blue', label='$i^p$')
       ax.plot(steps[:shown], cumulative[:, world, 1], color='tab:red', label='$i^c$')
       ax.grid(alpha=0.3)
-      if world == 0:
-        ax.set_title(f'{noise:.0%} label noise')
-      if j == 0:
-        ax.set_ylabel(world_name(world))
-      if world == worlds - 1:
-        ax.set_xlabel('training step')
+  _finish(fig, axes, runs, out)
+
+
+def _finish(fig, axes, runs, out):
+  plotting.label_grid(axes, [f'{noise:.0%} label noise' for noise, _ in runs],
+                      [world_name(world) for world in range(len(axes))])
   axes[0][0].legend(fontsize=7)
-  _save(fig, out)
-
-
-def _save(fig, out):
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=110)
-  fig.savefig(os.path.splitext(out)[0] + '.pdf')
-  plt.close(fig)
+  plotting.save(fig, out)
 
 
 def summary_table(runs):
