@@ -5,8 +5,10 @@
 
 Draws (a) training accuracy, (b) test accuracy, (c) training loss and (d) the
 fraction of pristine (solid) and corrupt (dashed) examples first learned by
-each step, one colour per noise level, into OUT and OUT with .pdf. Prints a
-markdown table of the numbers that §2.3's claims rest on.
+each step, one colour per noise level, into OUT and OUT with .pdf. Runs of one
+noise level with different seeds are drawn as their mean and min-max band.
+Prints a markdown table of the numbers that §2.3's claims rest on, from the
+mean over seeds.
 """
 
 import os
@@ -19,21 +21,25 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories, one per noise level.')
+flags.DEFINE_list('runs', None, 'Run directories: one per noise level and seed.')
 flags.DEFINE_string('out', 'figure1.png', 'Output PNG; a PDF is written beside it.')
 FLAGS = flags.FLAGS
 
 
 def load_runs(run_dirs):
-  """[(noise, scalars DataFrame, examples dict)] sorted by noise."""
-  runs = [(workdir.read_config(d).noise, workdir.read_scalars(d), workdir.read_examples(d))
-          for d in run_dirs]
-  return sorted(runs, key=lambda run: run[0])
+  """[(noise, [scalars DataFrame per seed], [examples dict per seed])] sorted by noise."""
+  by_noise = {}
+  for run_dir in run_dirs:
+    scalars, examples = by_noise.setdefault(workdir.read_config(run_dir).noise, ([], []))
+    scalars.append(workdir.read_scalars(run_dir))
+    examples.append(workdir.read_examples(run_dir))
+  return [(noise, *by_noise[noise]) for noise in sorted(by_noise)]
 
 
 def first_step_reaching(curve, level):
@@ -49,24 +55,28 @@ def fraction_learned_by(first_learned_step, steps):
 
 
 def plot_curves(ax, runs, tag, ylabel, colors):
-  for (noise, scalars, _), color in zip(runs, colors):
-    ax.plot(scalars.index, scalars[tag], color=color, label=f'{noise:.0%} noise')
+  for (noise, seeds, _), color in zip(runs, colors):
+    plotting.plot_mean_band(ax, [scalars[tag] for scalars in seeds], color=color,
+                            label=f'{noise:.0%} noise')
   ax.set_xscale('symlog', linthresh=1)
   ax.set_xlabel('training step')
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
 
 
+def learned_curve(scalars, examples, corrupt):
+  """Fraction of the corrupt (or pristine) examples first learned by each logged step."""
+  steps = scalars.index.to_numpy()
+  chosen = examples['corrupt'] == corrupt
+  return pd.Series(fraction_learned_by(examples['first_learned_step'][chosen], steps), index=steps)
+
+
 def plot_learned(ax, runs, colors):
-  for (noise, scalars, examples), color in zip(runs, colors):
-    steps = scalars.index.to_numpy()
-    corrupt = examples['corrupt']
-    if (~corrupt).any():
-      ax.plot(steps, fraction_learned_by(examples['first_learned_step'][~corrupt], steps),
-              color=color, label=f'{noise:.0%} pristine')
-    if corrupt.any():
-      ax.plot(steps, fraction_learned_by(examples['first_learned_step'][corrupt], steps),
-              color=color, linestyle='--', label=f'{noise:.0%} corrupt')
+  for (noise, seeds, examples), color in zip(runs, colors):
+    for corrupt, linestyle, name in ((False, '-', 'pristine'), (True, '--', 'corrupt')):
+      if any((e['corrupt'] == corrupt).any() for e in examples):
+        plotting.plot_mean_band(ax, [learned_curve(s, e, corrupt) for s, e in zip(seeds, examples)],
+                                color=color, linestyle=linestyle, label=f'{noise:.0%} {name}')
   ax.set_xscale('symlog', linthresh=1)
   ax.set_xlabel('training step')
   ax.set_ylabel('fraction learned')
@@ -94,15 +104,16 @@ def _format(row, tag):
 
 
 def summary_table(runs):
-  """Markdown rows: the numbers behind §2.3's claims, one row per noise level."""
-  rows = ['| noise | step to 90% train acc | final train acc | pristine acc / corrupt acc '
+  """Markdown rows: the numbers behind §2.3's claims, one row per noise level (seed mean)."""
+  rows = ['| noise | seeds | step to 90% train acc | final train acc | pristine acc / corrupt acc '
           'at step 900 | best test acc (step) | final test acc |',
-          '|---|---|---|---|---|---|']
-  for noise, scalars, _ in runs:
+          '|---|---|---|---|---|---|---|']
+  for noise, seeds, _ in runs:
+    scalars = plotting.mean_over_seeds(seeds)
     at = scalars.loc[scalars.index[scalars.index <= 900][-1]]
     split = f'{_format(at, "train_pristine/accuracy")} / {_format(at, "train_corrupt/accuracy")}'
     test = scalars['test/accuracy']
-    rows.append(f'| {noise:.0%} | {first_step_reaching(scalars["train/accuracy"], 0.9)} | '
+    rows.append(f'| {noise:.0%} | {len(seeds)} | {first_step_reaching(scalars["train/accuracy"], 0.9)} | '
                 f'{scalars["train/accuracy"].iloc[-1]:.4f} | {split} | '
                 f'{test.max():.4f} ({int(test.idxmax())}) | {test.iloc[-1]:.4f} |')
   return '\n'.join(rows)

@@ -5,7 +5,8 @@
 Finds each run's noise level and c in its config.json and draws the grid: rows
 c, columns noise; in each cell training accuracy (ta), test accuracy (va) and
 overfit = ta - [noise * 0.1 + (1 - noise) * va] (§3.3), plus the proper
-accuracy (dotted). Prints a markdown table of the final values.
+accuracy (dotted). Runs of one cell with different seeds are drawn as their
+mean and min-max band. Prints a markdown table of the final values (seed mean).
 """
 
 import glob
@@ -34,20 +35,22 @@ def proper_accuracy(noise):
 
 
 def load_grid(patterns):
-  """{(c, noise): scalars DataFrame} of every run directory matched."""
+  """{(c, noise): [scalars DataFrame per seed]} of every run directory matched."""
   grid = {}
   for pattern in patterns:
     for run_dir in sorted(glob.glob(pattern)):
       if os.path.exists(os.path.join(run_dir, workdir.CONFIG_FILE)):
         config = workdir.read_config(run_dir)
-        grid[(config.winsor_c, config.noise)] = workdir.read_scalars(run_dir)
+        grid.setdefault((config.winsor_c, config.noise), []).append(
+            workdir.read_scalars(run_dir))
   return grid
 
 
-def plot_cell(ax, scalars, noise):
-  ax.plot(scalars.index, scalars['train/accuracy'], label='ta', color='tab:blue')
-  ax.plot(scalars.index, scalars['test/accuracy'], label='va', color='tab:orange')
-  ax.plot(scalars.index, scalars['overfit'], label='overfit', color='tab:red')
+def plot_cell(ax, seeds, noise):
+  for tag, label, color in (('train/accuracy', 'ta', 'tab:blue'),
+                            ('test/accuracy', 'va', 'tab:orange'),
+                            ('overfit', 'overfit', 'tab:red')):
+    plotting.plot_mean_band(ax, [scalars[tag] for scalars in seeds], label=label, color=color)
   ax.axhline(proper_accuracy(noise), color='gray', linestyle=':', linewidth=1)
   ax.set_ylim(-0.05, 1.05)
   ax.grid(alpha=0.3)
@@ -71,11 +74,12 @@ def draw(grid, out):
 
 
 def summary_table(grid):
-  rows = ['| c | noise | proper acc | final train acc | final test acc | best test acc | '
-          'final overfit |', '|---|---|---|---|---|---|---|']
-  for (c, noise), scalars in sorted(grid.items()):
+  rows = ['| c | noise | seeds | proper acc | final train acc | final test acc | best test acc | '
+          'final overfit |', '|---|---|---|---|---|---|---|---|']
+  for (c, noise), seeds in sorted(grid.items()):
+    scalars = plotting.mean_over_seeds(seeds)
     last = scalars.iloc[-1]
-    rows.append(f'| {c:g} | {noise:.0%} | {proper_accuracy(noise):.3f} | '
+    rows.append(f'| {c:g} | {noise:.0%} | {len(seeds)} | {proper_accuracy(noise):.3f} | '
                 f'{last["train/accuracy"]:.3f} | {last["test/accuracy"]:.3f} | '
                 f'{scalars["test/accuracy"].max():.3f} | {last["overfit"]:.3f} |')
   return '\n'.join(rows)

@@ -6,9 +6,10 @@ Figure 2: f^p and f^c over training, one column per noise level, the actual
 designation in the first row and the null worlds below; solid lines are exact
 over the whole population, dotted ones the paper's sampled estimator.
 Figure 3: i^p and i^c, the mean cumulative contribution of one pristine or
-corrupt example, over the first 10 steps. Prints a markdown table: where f^p
-and f^c cross in each world, and how far the sampled estimate is from the
-exact value.
+corrupt example, over the first 10 steps. Runs of one noise level with
+different seeds are drawn as their mean and min-max band. Prints a markdown
+table: where the seed-mean f^p and f^c cross in each world, and how far the
+sampled estimate is from the exact value.
 """
 
 import os
@@ -21,6 +22,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -34,14 +36,19 @@ FLAGS = flags.FLAGS
 
 
 def load(run_dirs):
-  """[(noise, decomposition record)] sorted by noise."""
-  runs = []
+  """[(noise, [decomposition record per seed])] sorted by noise."""
+  by_noise = {}
   for run_dir in run_dirs:
     record = workdir.read_decomposition(run_dir)
     if record is None:
       raise app.UsageError(f'{run_dir} has no decomposition.npz; run it with --decomp_every')
-    runs.append((workdir.read_config(run_dir).noise, record))
-  return sorted(runs, key=lambda run: run[0])
+    by_noise.setdefault(workdir.read_config(run_dir).noise, []).append(record)
+  return [(noise, by_noise[noise]) for noise in sorted(by_noise)]
+
+
+def per_seed(records, values):
+  """[pandas Series by step] of `values(record)` for each seed's record."""
+  return [pd.Series(values(record), index=record['step']) for record in records]
 
 
 def crossing_step(steps, f):
@@ -63,35 +70,40 @@ def world_name(world):
 
 
 def figure2(runs, out):
-  worlds = runs[0][1]['inner'].shape[1]
+  worlds = runs[0][1][0]['inner'].shape[1]
   fig, axes = plt.subplots(worlds, len(runs), figsize=(4.5 * len(runs), 2.3 * worlds),
                            sharex=True, sharey=True, squeeze=False)
-  for j, (noise, record) in enumerate(runs):
-    steps = record['step']
-    exact, sampled = (decomposition.fractions(record[k]) for k in ('inner', 'sampled_inner'))
+  for j, (_, records) in enumerate(runs):
     for world in range(worlds):
       ax = axes[world][j]
       for group, color, name in ((0, 'tab:blue', 'f^p'), (1, 'tab:red', 'f^c')):
-        ax.plot(steps, exact[:, world, group], color=color, label=f'${name}$')
-        ax.plot(steps, sampled[:, world, group], color=color, linestyle=':', alpha=0.7,
-                label=f'${name}$ sampled')
+        for key, style in (('inner', {}), ('sampled_inner', {'linestyle': ':', 'alpha': 0.7})):
+          plotting.plot_mean_band(
+              ax, per_seed(records, lambda r, k=key: decomposition.fractions(r[k])[:, world, group]),
+              color=color, label=f'${name}$' + (' sampled' if style else ''), **style)
       ax.set_xscale('symlog', linthresh=1)
       ax.grid(alpha=0.3)
   _finish(fig, axes, runs, out)
 
 
+def first_steps_cumulative(record, first_steps):
+  """A record cut to its leading dense steps, up to first_steps, with i^p and i^c added."""
+  shown = min(leading_consecutive(record['step']), first_steps + 1)
+  return {'step': record['step'][:shown],
+          'cumulative': decomposition.cumulative_means(record['inner'][:shown], record['corrupt'])}
+
+
 def figure3(runs, out, first_steps):
-  worlds = runs[0][1]['inner'].shape[1]
+  worlds = runs[0][1][0]['inner'].shape[1]
   fig, axes = plt.subplots(worlds, len(runs), figsize=(4.5 * len(runs), 2.3 * worlds),
                            sharex=True, squeeze=False)
-  for j, (noise, record) in enumerate(runs):
-    steps = record['step']
-    shown = min(leading_consecutive(steps), first_steps + 1)
-    cumulative = decomposition.cumulative_means(record['inner'][:shown], record['corrupt'])
+  for j, (_, records) in enumerate(runs):
+    cut = [first_steps_cumulative(record, first_steps) for record in records]
     for world in range(worlds):
       ax = axes[world][j]
-      ax.plot(steps[:shown], cumulative[:, world, 0], color='tab:blue', label='$i^p$')
-      ax.plot(steps[:shown], cumulative[:, world, 1], color='tab:red', label='$i^c$')
+      for group, color, name in ((0, 'tab:blue', 'i^p'), (1, 'tab:red', 'i^c')):
+        plotting.plot_mean_band(ax, per_seed(cut, lambda r: r['cumulative'][:, world, group]),
+                                color=color, label=f'${name}$')
       ax.grid(alpha=0.3)
   _finish(fig, axes, runs, out)
 
@@ -104,15 +116,20 @@ def _finish(fig, axes, runs, out):
 
 
 def summary_table(runs):
-  rows = ['| noise | world | f^p at step 0 | f^p - f^c crosses at step | '
-          'mean abs(sampled - exact) f^p | measurement s/step (mean) |', '|---|---|---|---|---|---|']
-  for noise, record in runs:
-    exact, sampled = (decomposition.fractions(record[k]) for k in ('inner', 'sampled_inner'))
+  """Markdown rows, one per noise level and world, from the mean over seeds."""
+  rows = ['| noise | seeds | world | f^p at step 0 | f^p - f^c crosses at step | '
+          'mean abs(sampled - exact) f^p | measurement s/step (mean) |',
+          '|---|---|---|---|---|---|---|']
+  for noise, records in runs:
+    steps = records[0]['step']
+    exact, sampled = (np.mean([decomposition.fractions(r[k]) for r in records], axis=0)
+                      for k in ('inner', 'sampled_inner'))
+    seconds = np.mean([r['seconds'].mean() for r in records])
     for world in range(exact.shape[1]):
-      rows.append(f'| {noise:.0%} | {world_name(world)} | {exact[0, world, 0]:.3f} | '
-                  f'{crossing_step(record["step"], exact[:, world])} | '
+      rows.append(f'| {noise:.0%} | {len(records)} | {world_name(world)} | '
+                  f'{exact[0, world, 0]:.3f} | {crossing_step(steps, exact[:, world])} | '
                   f'{np.abs(sampled[:, world, 0] - exact[:, world, 0]).mean():.3f} | '
-                  f'{record["seconds"].mean():.2f} |')
+                  f'{seconds:.2f} |')
   return '\n'.join(rows)
 
 

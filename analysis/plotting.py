@@ -1,4 +1,8 @@
-"""Small matplotlib helpers shared by the figure scripts."""
+"""Helpers shared by the figure scripts: grids, saving, and seeds drawn as mean and band.
+
+Runs that differ only in their seeds are drawn as one curve, the mean over
+seeds, with a shaded band from the lowest to the highest seed.
+"""
 
 import os
 from typing import Sequence
@@ -25,3 +29,27 @@ def save(fig, out: str, dpi: int = 110) -> None:
   fig.savefig(out, dpi=dpi)
   fig.savefig(os.path.splitext(out)[0] + '.pdf')
   plt.close(fig)
+
+
+def mean_over_seeds(frames):
+  """The mean of DataFrames or Series indexed by step (one per seed), step by step."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  return pd.concat(frames).groupby(level=0).mean()
+
+
+def plot_mean_band(ax, curves, **plot_kwargs):
+  """Plots the mean of `curves` and, for more than one, their min-max band.
+
+  Args:
+    ax: a matplotlib Axes.
+    curves: pandas Series indexed by step, one per seed; steps missing from any
+      curve are left out, so seeds logged on the same schedule line up exactly.
+    **plot_kwargs: passed to `ax.plot` (color, label, linestyle, ...).
+  """
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  frame = pd.concat([curve.dropna() for curve in curves], axis=1, join='inner')
+  line, = ax.plot(frame.index, frame.mean(axis=1), **plot_kwargs)
+  if frame.shape[1] > 1:
+    ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=line.get_color(),
+                    alpha=0.2, linewidth=0)
+  return line

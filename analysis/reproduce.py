@@ -7,11 +7,16 @@ Runs go to OUT/runs/, logs to OUT/logs/, and figures and REPORT.md to OUT/.
 Finished runs are reused, interrupted ones resume from their checkpoints, and
 `--parallel` runs several at once. `--seeds=N` repeats every run with
 seed = noise_seed = 0..N-1; the report counts the seeds that agree with each
-claim, and the figures show seed 0.
+claim, and the figures draw the mean over seeds with a min-max band.
+
+§2.4's decomposition only observes training (it changes no numbers), so the
+label-noise runs at 25, 50 and 75% noise record it as they go: Figures 1, 2
+and 3 come from the same 5 runs per seed.
 """
 
 import concurrent.futures
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -41,21 +46,35 @@ DECOMPOSITION_NOISES = (0.25, 0.5, 0.75)
 CS = (0, 1, 2, 4, 8)
 
 
+def label_noise_levels(experiments):
+  """The noise levels of the plain-SGD runs that `experiments` need."""
+  if 'label_noise' in experiments:
+    return NOISES
+  return DECOMPOSITION_NOISES if 'decomposition' in experiments else ()
+
+
+def seed_suffix(seed):
+  """What a run directory's name ends with for `seed`: nothing for seed 0, else _s<seed>."""
+  return '' if seed == 0 else f'_s{seed}'
+
+
+def seed_dirs(path, seeds):
+  """The run directory `path` for each of seeds 0..seeds-1."""
+  return [path + seed_suffix(seed) for seed in range(seeds)]
+
+
 def run_specs(scale, seeds, experiments):
   """[(run name, [run.py flags])] for the experiments at `scale`."""
   suffix = '_cpu' if scale == 'mini' else ''
   specs = []
   for seed in range(seeds):
-    tag = '' if seed == 0 else f'_s{seed}'
+    tag = seed_suffix(seed)
     seeding = [f'--seed={seed}', f'--noise_seed={seed}']
-    if 'label_noise' in experiments:
-      specs += [(f'label_noise/noise{n:g}{tag}',
-                 [f'--flagfile=flags/label_noise{suffix}.cfg', f'--noise={n}', *seeding])
-                for n in NOISES]
-    if 'decomposition' in experiments:
-      specs += [(f'decomposition/noise{n:g}{tag}',
-                 [f'--flagfile=flags/decomposition{suffix}.cfg', f'--noise={n}', *seeding])
-                for n in DECOMPOSITION_NOISES]
+    for n in label_noise_levels(experiments):
+      flagfile = ('decomposition' if 'decomposition' in experiments and n in DECOMPOSITION_NOISES
+                  else 'label_noise')
+      specs.append((f'label_noise/noise{n:g}{tag}',
+                    [f'--flagfile=flags/{flagfile}{suffix}.cfg', f'--noise={n}', *seeding]))
     if 'winsorized' in experiments:
       specs += [(f'winsorized/n{n:g}_c{c}{tag}',
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
@@ -75,7 +94,11 @@ def is_complete(run_dir):
 
 
 def run_all(specs, out, data_dir, parallel):
-  """Runs what is missing or unfinished; prints progress; returns failed run names."""
+  """Runs what is missing or unfinished, printing progress.
+
+  Returns:
+    (how many runs were started, [names of the runs that failed]).
+  """
   todo = [(name, args) for name, args in specs if not is_complete(os.path.join(out, 'runs', name))]
   print(f'{len(specs) - len(todo)} of {len(specs)} runs already finished; {len(todo)} to run',
         flush=True)
@@ -104,22 +127,26 @@ def run_all(specs, out, data_dir, parallel):
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     list(pool.map(one, todo))
-  return failed
+  return len(todo), failed
 
 
-def draw_figures(out, experiments):
+def draw_figures(out, seeds, experiments):
   runs = os.path.join(out, 'runs')
+
+  def label_noise_dirs(noises):
+    return '--runs=' + ','.join(run_dir for n in noises for run_dir in seed_dirs(
+        os.path.join(runs, f'label_noise/noise{n:g}'), seeds))
+
   scripts = []
   if 'label_noise' in experiments:
-    scripts.append(['figure1.py', '--runs=' + ','.join(
-        os.path.join(runs, f'label_noise/noise{n:g}') for n in NOISES),
-                    f'--out={out}/figure1.png'])
+    scripts.append(['figure1.py', label_noise_dirs(NOISES), f'--out={out}/figure1.png'])
   if 'decomposition' in experiments:
-    scripts.append(['figures_2_3.py', '--runs=' + ','.join(
-        os.path.join(runs, f'decomposition/noise{n:g}') for n in DECOMPOSITION_NOISES),
-                    f'--out_dir={out}'])
+    scripts.append(['figures_2_3.py', label_noise_dirs(DECOMPOSITION_NOISES), f'--out_dir={out}'])
   if 'winsorized' in experiments:
-    scripts.append(['figure4.py', f'--runs={runs}/winsorized/n*_c?', f'--out={out}/figure4.png'])
+    scripts.append(['figure4.py', '--runs=' + ','.join(
+        run_dir for n in NOISES for c in CS
+        for run_dir in seed_dirs(os.path.join(runs, f'winsorized/n{n:g}_c{c}'), seeds)),
+                    f'--out={out}/figure4.png'])
   for script, *args in scripts:
     subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script), *args], check=True,
                    stdout=subprocess.DEVNULL)
@@ -151,7 +178,7 @@ def checks_for_seed(out, tag, experiments):
                    scalars[n]['test/accuracy'].dropna())
   if 'decomposition' in experiments:
     for n in (0.25, 0.5):
-      record = workdir.read_decomposition(os.path.join(runs, f'decomposition/noise{n:g}{tag}'))
+      record = workdir.read_decomposition(os.path.join(runs, f'label_noise/noise{n:g}{tag}'))
       f = decomposition.fractions(record['inner'])
       results[('2.4', f'f^p starts above f^c and crosses ({n:.0%})', 'exact f^p, f^c')] = \
           claims.pristine_dominates_then_crosses(record['step'], f[:, 0])
@@ -171,8 +198,13 @@ def checks_for_seed(out, tag, experiments):
   return results
 
 
-def write_report(out, seeds, experiments, scale, minutes):
-  per_seed = [checks_for_seed(out, '' if s == 0 else f'_s{s}', experiments) for s in range(seeds)]
+def machine():
+  """The machine in words: OS, processor, cores."""
+  return f'{platform.system()} {platform.machine()}, {os.cpu_count()} cores'
+
+
+def write_report(out, seeds, experiments, scale, ran, total, minutes):
+  per_seed = [checks_for_seed(out, seed_suffix(s), experiments) for s in range(seeds)]
   rows = []
   for key, verdict in per_seed[0].items():
     agree = sum(results[key].passed for results in per_seed)
@@ -183,8 +215,9 @@ def write_report(out, seeds, experiments, scale, minutes):
              if os.path.exists(os.path.join(out, f))]
   text = (f'# Coherent Gradients: claims checked ({scale} scale)\n\n'
           f'{sum(r["verdict"].startswith("PASS") for r in rows)} of {len(rows)} checks pass '
-          f'(seed 0{f", {seeds} seeds" if seeds > 1 else ""}); runs and figures took '
-          f'{minutes:.1f} min in this invocation.\n\n{claims.as_markdown(rows)}\n\n' +
+          f'(seed 0{f", {seeds} seeds" if seeds > 1 else ""}). This invocation ran {ran} of '
+          f'{total} runs and drew the figures in {minutes:.1f} min on {machine()}.\n\n'
+          f'{claims.as_markdown(rows)}\n\n' +
           ''.join(f'![{f}]({f})\n\n' for f in figures))
   with open(os.path.join(out, 'REPORT.md'), 'w') as f:
     f.write(text)
@@ -196,13 +229,13 @@ def main(argv):
   start = time.time()
   os.makedirs(FLAGS.out, exist_ok=True)
   specs = run_specs(FLAGS.scale, FLAGS.seeds, FLAGS.experiments)
-  failed = run_all(specs, FLAGS.out, FLAGS.data_dir, FLAGS.parallel)
+  ran, failed = run_all(specs, FLAGS.out, FLAGS.data_dir, FLAGS.parallel)
   if failed:
     print(f'reproduce.py: error: {len(failed)} runs failed ({", ".join(failed)}); see '
           f'{FLAGS.out}/logs/ and rerun to resume', file=sys.stderr)
     sys.exit(1)
-  draw_figures(FLAGS.out, FLAGS.experiments)
-  print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale,
+  draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments)
+  print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, ran, len(specs),
                      (time.time() - start) / 60))
 
 

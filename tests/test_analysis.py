@@ -20,6 +20,10 @@ def run_script(name, *args):
   return result.stdout
 
 
+def row_for(table, prefix):
+  return next(line for line in table.splitlines() if line.startswith(prefix))
+
+
 class AnalysisTest(absltest.TestCase):
 
   @classmethod
@@ -28,9 +32,10 @@ class AnalysisTest(absltest.TestCase):
     cls.root = os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_analysis_{os.getpid()}')
     dataset = test_train.separable_dataset(num_train=120)
     cls.runs = []
-    for noise, c in ((0.0, 0), (0.5, 0), (0.5, 10)):
-      run_dir = os.path.join(cls.root, f'n{noise}_c{c}')
-      config = test_train.tiny_config(noise=noise, winsor_c=c, steps=40, decomp_every=20,
+    for noise, c, seed in ((0.0, 0, 0), (0.5, 0, 0), (0.5, 10, 0), (0.5, 0, 1)):
+      run_dir = os.path.join(cls.root, f'n{noise}_c{c}' + (f'_s{seed}' if seed else ''))
+      config = test_train.tiny_config(noise=noise, winsor_c=c, seed=seed, noise_seed=seed,
+                                      steps=40, decomp_every=20,
                                       decomp_dense_steps=10, decomp_sample_examples=30,
                                       decomp_sample_weights=10)
       train.train_and_evaluate(config, run_dir, dataset)
@@ -41,13 +46,27 @@ class AnalysisTest(absltest.TestCase):
     table = run_script('figure1.py', f'--runs={",".join(self.runs[:2])}', f'--out={out}')
     self.assertTrue(os.path.getsize(out) > 10_000)
     self.assertTrue(os.path.exists(out.replace('.png', '.pdf')))
-    self.assertIn('| 50% |', table)
+    self.assertIn('| 50% | 1 |', table)
+
+  def test_seeds_are_averaged(self):
+    out = os.path.join(self.root, 'figs', 'seeds.png')
+    one_seed = run_script('figure1.py', f'--runs={self.runs[1]}', f'--out={out}')
+    two_seeds = run_script('figure1.py', f'--runs={self.runs[1]},{self.runs[3]}', f'--out={out}')
+    other_seed = run_script('figure1.py', f'--runs={self.runs[3]}', f'--out={out}')
+    final_train = [float(row_for(table, '| 50% |').split('|')[4])
+                   for table in (one_seed, two_seeds, other_seed)]
+    self.assertIn('| 50% | 2 |', two_seeds)
+    self.assertNotEqual(final_train[0], final_train[2])
+    self.assertAlmostEqual(final_train[1], (final_train[0] + final_train[2]) / 2, delta=1e-4)
+    table = run_script('figures_2_3.py', f'--runs={self.runs[1]},{self.runs[3]}',
+                       f'--out_dir={os.path.join(self.root, "seed_figs")}')
+    self.assertIn('| 50% | 2 | actual |', table)
 
   def test_figure4(self):
     out = os.path.join(self.root, 'figs', 'figure4.png')
     table = run_script('figure4.py', f'--runs={self.root}/n0.5_c*', f'--out={out}')
     self.assertTrue(os.path.getsize(out) > 10_000)
-    self.assertIn('| 10 | 50% | 0.550 |', table)
+    self.assertIn('| 10 | 50% | 1 | 0.550 |', table)
 
   def test_figures_2_3(self):
     out_dir = os.path.join(self.root, 'figs')
@@ -56,7 +75,7 @@ class AnalysisTest(absltest.TestCase):
       self.assertTrue(os.path.getsize(os.path.join(out_dir, name)) > 10_000)
     rows = [line for line in table.splitlines() if line.startswith('| 50% |')]
     self.assertLen(rows, 4)  # the actual world and 3 null worlds
-    f_pristine_at_0 = [float(row.split('|')[3]) for row in rows]
+    f_pristine_at_0 = [float(row.split('|')[4]) for row in rows]
     self.assertTrue(all(0 < f < 1.5 for f in f_pristine_at_0), f_pristine_at_0)
     self.assertFalse(np.isnan(f_pristine_at_0).any())
 

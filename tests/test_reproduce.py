@@ -11,7 +11,7 @@ class ReproduceTest(tf.test.TestCase):
 
   def test_run_specs(self):
     specs = reproduce.run_specs('mini', 2, ['label_noise', 'decomposition', 'winsorized'])
-    self.assertLen(specs, 2 * (5 + 3 + 25))
+    self.assertLen(specs, 2 * (5 + 25))
     names = [name for name, _ in specs]
     self.assertLen(set(names), len(names))
     self.assertIn('winsorized/n0.5_c4', names)
@@ -19,8 +19,16 @@ class ReproduceTest(tf.test.TestCase):
     flags = dict(specs)['winsorized/n0.5_c4']
     self.assertIn('--flagfile=flags/winsorized_cpu.cfg', flags)
     self.assertIn('--winsor_c=4', flags)
+    self.assertIn('--flagfile=flags/decomposition_cpu.cfg', dict(specs)['label_noise/noise0.25'])
+    self.assertIn('--flagfile=flags/label_noise_cpu.cfg', dict(specs)['label_noise/noise0'])
+    self.assertIn('--seed=1', dict(specs)['label_noise/noise0.25_s1'])
+    only_decomposition = [name for name, _ in reproduce.run_specs('mini', 1, ['decomposition'])]
+    self.assertEqual(only_decomposition, [f'label_noise/noise{n}' for n in ('0.25', '0.5', '0.75')])
     full = dict(reproduce.run_specs('full', 1, ['label_noise']))
     self.assertIn('--flagfile=flags/label_noise.cfg', full['label_noise/noise1'])
+
+  def test_seed_dirs(self):
+    self.assertEqual(reproduce.seed_dirs('runs/a', 3), ['runs/a', 'runs/a_s1', 'runs/a_s2'])
 
   def test_is_complete(self):
     run_dir = self.create_tempdir()
