@@ -82,6 +82,12 @@ def run_specs(scale, seeds, experiments):
   return specs
 
 
+def winsor_c(args):
+  """The --winsor_c among run.py flags `args`; 0 if absent."""
+  values = [float(arg.split('=', 1)[1]) for arg in args if arg.startswith('--winsor_c=')]
+  return values[-1] if values else 0.0
+
+
 def is_complete(run_dir):
   """True if the run's latest checkpoint is at its last step."""
   try:
@@ -100,6 +106,9 @@ def run_all(specs, out, data_dir, parallel):
     (how many runs were started, [names of the runs that failed]).
   """
   todo = [(name, args) for name, args in specs if not is_complete(os.path.join(out, 'runs', name))]
+  # Winsorizing costs about c + 1 times more per step: start the costliest runs
+  # first so that parallel workers finish together.
+  todo.sort(key=lambda spec: -winsor_c(spec[1]))
   print(f'{len(specs) - len(todo)} of {len(specs)} runs already finished; {len(todo)} to run',
         flush=True)
   lock, done, failed, start = threading.Lock(), [0], [], time.time()

@@ -27,6 +27,10 @@ class ReproduceTest(tf.test.TestCase):
     full = dict(reproduce.run_specs('full', 1, ['label_noise']))
     self.assertIn('--flagfile=flags/label_noise.cfg', full['label_noise/noise1'])
 
+  def test_winsor_c(self):
+    self.assertEqual(reproduce.winsor_c(['--noise=0.5', '--winsor_c=4']), 4.0)
+    self.assertEqual(reproduce.winsor_c(['--noise=0.5']), 0.0)
+
   def test_seed_dirs(self):
     self.assertEqual(reproduce.seed_dirs('runs/a', 3), ['runs/a', 'runs/a_s1', 'runs/a_s2'])
 
