@@ -24,6 +24,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -40,12 +41,6 @@ def load_runs(run_dirs):
     scalars.append(workdir.read_scalars(run_dir))
     examples.append(workdir.read_examples(run_dir))
   return [(noise, *by_noise[noise]) for noise in sorted(by_noise)]
-
-
-def first_step_reaching(curve, level):
-  """First logged step at which `curve` (a Series by step) is >= level; None if never."""
-  reached = curve[curve >= level]
-  return None if reached.empty else int(reached.index[0])
 
 
 def fraction_learned_by(first_learned_step, steps):
@@ -113,7 +108,8 @@ def summary_table(runs):
     at = scalars.loc[scalars.index[scalars.index <= 900][-1]]
     split = f'{_format(at, "train_pristine/accuracy")} / {_format(at, "train_corrupt/accuracy")}'
     test = scalars['test/accuracy']
-    rows.append(f'| {noise:.0%} | {len(seeds)} | {first_step_reaching(scalars["train/accuracy"], 0.9)} | '
+    to_90 = claims.first_step_reaching(scalars['train/accuracy'], 0.9)
+    rows.append(f'| {noise:.0%} | {len(seeds)} | {to_90} | '
                 f'{scalars["train/accuracy"].iloc[-1]:.4f} | {split} | '
                 f'{test.max():.4f} ({int(test.idxmax())}) | {test.iloc[-1]:.4f} |')
   return '\n'.join(rows)

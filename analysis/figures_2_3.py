@@ -25,6 +25,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import decomposition  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,8 +54,8 @@ def per_seed(records, values):
 
 def crossing_step(steps, f):
   """First step at which f^p < f^c (f: [T, 2]); None if never."""
-  below = np.nonzero(f[:, 0] < f[:, 1])[0]
-  return None if below.size == 0 else int(steps[below[0]])
+  index = claims.crosses(f[:, 0], f[:, 1])
+  return None if index is None else int(steps[index])
 
 
 def leading_consecutive(steps):

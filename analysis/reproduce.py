@@ -128,10 +128,9 @@ def run_all(specs, out, data_dir, parallel):
       done[0] += 1
       if code:
         failed.append(name)
-      elapsed = time.time() - start
-      eta = elapsed / done[0] * (len(todo) - done[0]) / 60
+      # No ETA: runs differ in cost by 30x (c = 8 against c = 0), so an average misleads.
       print(f'[{done[0]}/{len(todo)}] {name}: {"FAILED, see " + log_path if code else "done"} '
-            f'in {time.time() - began:.0f} s; {elapsed / 60:.1f} min so far, ETA {eta:.1f} min',
+            f'in {time.time() - began:.0f} s; {(time.time() - start) / 60:.1f} min so far',
             flush=True)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
