@@ -28,16 +28,17 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cg_tf import decomposition  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_enum('scale', 'mini', ['mini', 'full'], 'mini: 2 CPU cores; full: the paper.')
 flags.DEFINE_string('out', 'repro', 'Output directory.')
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory (else tfds).')
-flags.DEFINE_integer('seeds', 1, 'Seeds per run.')
-flags.DEFINE_integer('parallel', 1, 'Runs at once.')
-flags.DEFINE_list('experiments', ['label_noise', 'decomposition', 'winsorized'],
-                  'Which experiments to run.')
+flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
+flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
+EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized')
+flags.DEFINE_list('experiments', list(EXPERIMENTS), 'Which experiments to run.')
+flags.register_validator('experiments', lambda names: set(names) <= set(EXPERIMENTS),
+                         f'must name some of {", ".join(EXPERIMENTS)}')
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,6 +163,8 @@ def draw_figures(out, seeds, experiments):
 
 def checks_for_seed(out, tag, experiments):
   """{(section, claim, quantity): Verdict} for the runs of one seed."""
+  # Imported here: it loads TensorFlow, which bad flags should not wait for.
+  from cg_tf import decomposition  # pylint: disable=g-import-not-at-top
   runs = os.path.join(out, 'runs')
   results = {}
   if 'label_noise' in experiments:
@@ -232,10 +235,28 @@ def write_report(out, seeds, experiments, scale, ran, total, minutes):
   return text
 
 
+def fail(message):
+  print(f'reproduce.py: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag is one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+
+
 def main(argv):
   del argv
   start = time.time()
-  os.makedirs(FLAGS.out, exist_ok=True)
+  if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+    fail(f'--data_dir={FLAGS.data_dir} is not a directory; point it at the MNIST IDX files')
+  try:
+    os.makedirs(FLAGS.out, exist_ok=True)
+  except OSError as e:
+    fail(f'--out={FLAGS.out} cannot be created ({e.strerror}); choose another --out')
   specs = run_specs(FLAGS.scale, FLAGS.seeds, FLAGS.experiments)
   ran, failed = run_all(specs, FLAGS.out, FLAGS.data_dir, FLAGS.parallel)
   if failed:
@@ -248,4 +269,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

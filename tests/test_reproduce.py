@@ -1,5 +1,10 @@
 """reproduce.py's bookkeeping: which runs exist at each scale, and which are finished."""
 
+import os
+import subprocess
+import sys
+
+from absl.testing import parameterized
 import tensorflow as tf
 
 from analysis import reproduce
@@ -7,7 +12,22 @@ from cg_tf import config as config_lib
 from cg_tf import workdir
 
 
-class ReproduceTest(tf.test.TestCase):
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(['--seeds=0'], ['--parallel=0'], ['--experiments=label_noise,typo'],
+                            ['--data_dir=/nonexistent/mnist'], ['--out=/proc/cg_tf_repro'])
+  def test_bad_input_is_one_line_and_exit_2(self, bad_flag):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
+                             bad_flag], cwd=self.create_tempdir().full_path, capture_output=True,
+                            text=True, timeout=120)
+    self.assertEqual(result.returncode, 2, result.stderr)
+    self.assertEqual(result.stdout, '')
+    lines = result.stderr.strip().splitlines()
+    self.assertLen(lines, 1, result.stderr)
+    self.assertStartsWith(lines[0], 'reproduce.py: error: ')
 
   def test_run_specs(self):
     specs = reproduce.run_specs('mini', 2, ['label_noise', 'decomposition', 'winsorized'])
