@@ -21,17 +21,13 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
 flags.DEFINE_string('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
 FLAGS = flags.FLAGS
-
-
-def proper_accuracy(noise):
-  """Fraction of training labels left correct by permuting a `noise` fraction (§2.1)."""
-  return 1 - noise + 0.1 * noise
 
 
 def load_grid(patterns):
@@ -51,7 +47,7 @@ def plot_cell(ax, seeds, noise):
                             ('test/accuracy', 'va', 'tab:orange'),
                             ('overfit', 'overfit', 'tab:red')):
     plotting.plot_mean_band(ax, [scalars[tag] for scalars in seeds], label=label, color=color)
-  ax.axhline(proper_accuracy(noise), color='gray', linestyle=':', linewidth=1)
+  ax.axhline(claims.proper_accuracy(noise), color='gray', linestyle=':', linewidth=1)
   ax.set_ylim(-0.05, 1.05)
   ax.grid(alpha=0.3)
 
@@ -79,7 +75,7 @@ def summary_table(grid):
   for (c, noise), seeds in sorted(grid.items()):
     scalars = plotting.mean_over_seeds(seeds)
     last = scalars.iloc[-1]
-    rows.append(f'| {c:g} | {noise:.0%} | {len(seeds)} | {proper_accuracy(noise):.3f} | '
+    rows.append(f'| {c:g} | {noise:.0%} | {len(seeds)} | {claims.proper_accuracy(noise):.3f} | '
                 f'{last["train/accuracy"]:.3f} | {last["test/accuracy"]:.3f} | '
                 f'{scalars["test/accuracy"].max():.3f} | {last["overfit"]:.3f} |')
   return '\n'.join(rows)

@@ -27,9 +27,9 @@ import tensorflow_probability as tfp
 
 # Examples inserted per iteration of the in-XLA loop. Larger unrolls keep the
 # running extremes in registers longer but compile slowly for large c (an
-# unrolled batch of 100 at c = 8 took minutes to compile). 10 was fastest of
-# 5, 10 and 20 in a one-off measurement of a 784x256 layer on 2 CPU cores;
-# analysis/bench_step.py measures the whole step.
+# unrolled batch of 100 at c = 8 took minutes to compile). Chunks of 5, 10 and
+# 20 ran within 10% of each other in one-off measurements of a 784x256 layer
+# on 2 CPU cores; analysis/bench_step.py measures the whole step.
 CHUNK = 10
 
 
