@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -70,14 +71,17 @@ def draw(grid, out):
 
 
 def summary_table(grid):
+  """Markdown rows of final values, one per cell (seed mean); '-' where a cell has no corrupt labels."""
   rows = ['| c | noise | seeds | proper acc | final train acc | final test acc | best test acc | '
-          'final overfit |', '|---|---|---|---|---|---|---|---|']
+          'final overfit | corrupt labels fitted |', '|---|---|---|---|---|---|---|---|---|']
   for (c, noise), seeds in sorted(grid.items()):
     scalars = plotting.mean_over_seeds(seeds)
     last = scalars.iloc[-1]
+    corrupt_fit = last.get('train_corrupt/accuracy', np.nan)
     rows.append(f'| {c:g} | {noise:.0%} | {len(seeds)} | {claims.proper_accuracy(noise):.3f} | '
                 f'{last["train/accuracy"]:.3f} | {last["test/accuracy"]:.3f} | '
-                f'{scalars["test/accuracy"].max():.3f} | {last["overfit"]:.3f} |')
+                f'{scalars["test/accuracy"].max():.3f} | {last["overfit"]:.3f} | '
+                f'{"-" if np.isnan(corrupt_fit) else f"{corrupt_fit:.3f}"} |')
   return '\n'.join(rows)
 
 
