@@ -4,14 +4,26 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from absl.testing import parameterized
+
 from analysis import claims
+from cg_tf import data
 
 
 def curve(values, steps=None):
   return pd.Series(values, index=steps if steps is not None else range(len(values)))
 
 
-class ClaimsTest(tf.test.TestCase):
+class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(0.0, 0.25, 0.5, 0.75, 1.0)
+  def test_proper_accuracy_matches_corrupted_labels(self, noise):
+    # Ten equally common classes, as MNIST nearly is: the share of labels that
+    # corrupt_labels leaves correct, averaged over seeds, is the proper accuracy.
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 1000))
+    unchanged = np.mean([np.mean(data.corrupt_labels(labels, noise, seed) == labels)
+                         for seed in range(10)])
+    self.assertAllClose(claims.proper_accuracy(noise), unchanged, atol=0.005)
 
   def test_time_to_accuracy(self):
     fast, slow, never = curve([0.5, 0.95, 1.0]), curve([0.2, 0.5, 0.95]), curve([0.1, 0.2, 0.3])
