@@ -7,6 +7,7 @@ A rerun with the same --logdir resumes from its last checkpoint. Bad input
 exits with status 2 and one line on stderr.
 """
 
+import logging
 import os
 import sys
 
@@ -16,9 +17,9 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 flags.DEFINE_enum('dataset', 'mnist', ['mnist', 'fashion_mnist'],
-                  'tfds dataset, used when --data_dir is not given.')
-flags.DEFINE_string('data_dir', None, 'Directory with the four IDX files '
-                    '(e.g. ../shared/data/mnist); if unset, the dataset comes from tfds.')
+                  'Dataset, used when --data_dir is not given (fashion_mnist through tfds).')
+flags.DEFINE_string('data_dir', None, 'Directory with the four IDX files. If unset, MNIST '
+                    'is read from the copy shipped with cg_tf, other datasets through tfds.')
 flags.DEFINE_integer('train_size', 0, 'Train on a fixed random subset of this many '
                      'training examples (0: all).')
 flags.DEFINE_float('noise', 0.0, 'Fraction of training labels randomly permuted (§2.1).')
@@ -36,8 +37,8 @@ flags.DEFINE_integer('checkpoint_every', 5_000, 'Checkpoint every this many step
 flags.DEFINE_float('winsor_c', 0.0, 'Winsorize per-example gradients at the c-th and '
                    '(100-c)-th percentile of the minibatch (§3); 0 is plain SGD.')
 flags.DEFINE_enum('winsor_impl', 'fast', ['fast', 'reference'],
-                  "'fast': outer products and top_k; 'reference': vectorized_map and "
-                  'tfp.stats.percentile.')
+                  "'fast': exact, an XLA min/max network over Dense outer products; "
+                  "'reference': vectorized_map and tfp.stats.percentile (slow, the definition).")
 flags.DEFINE_bool('deterministic', False, 'Enable TensorFlow op determinism (GPU).')
 flags.DEFINE_integer('eval_batch_size', 10_000, 'Examples per evaluation forward pass.')
 flags.DEFINE_integer('decomp_every', 0, 'Measure the §2.4 pristine/corrupt decomposition '
@@ -46,8 +47,17 @@ flags.DEFINE_integer('decomp_dense_steps', 10, '...and at every step up to this 
 flags.DEFINE_integer('null_worlds', 3, 'Null worlds (permuted designations) for §2.4.')
 flags.DEFINE_integer('decomp_sample_examples', 400, 'Examples in the sampled estimator.')
 flags.DEFINE_integer('decomp_sample_weights', 300, 'Weights per layer in the sampled estimator.')
+flags.DEFINE_enum('strategy', 'default', ['default', 'mirrored', 'tpu', 'multiworker'],
+                  "Hardware: 'default' one device; 'mirrored' all local GPUs (or "
+                  "--cpu_replicas logical CPUs); 'tpu' a Cloud TPU (--tpu); 'multiworker' "
+                  'several machines from TF_CONFIG (docs/cloud.md).')
+flags.DEFINE_integer('cpu_replicas', 0, 'With --strategy=mirrored: this many logical CPU '
+                     'devices as replicas (testing without GPUs); 0 = the GPUs.', lower_bound=0)
+flags.DEFINE_string('tpu', 'local', "With --strategy=tpu: 'local' on a TPU VM, or the TPU's "
+                    'name or grpc:// address.')
 flags.DEFINE_string('logdir', None, 'Run directory: TensorBoard events, checkpoints, '
-                    'examples.npz, config.json, flags.txt.')
+                    'examples.npz, config.json, flags.txt, final_metrics.json. Default: '
+                    'runs/<dataset>_<hidden>_n<noise>_c<winsor_c>_s<seed>.')
 
 FLAGS = flags.FLAGS
 
@@ -65,16 +75,34 @@ def parse_flags(argv):
     fail(str(e))
 
 
+def default_logdir() -> str:
+  """runs/<the settings that tell runs apart>, e.g. runs/mnist_2048_n0.5_c4_s0."""
+  parts = [FLAGS.dataset, 'x'.join(FLAGS.hidden)]
+  if FLAGS.train_size:
+    parts.append(f'{FLAGS.train_size}ex')
+  parts += [f'n{FLAGS.noise:g}', f'c{FLAGS.winsor_c:g}', f's{FLAGS.seed}']
+  if FLAGS.noise_seed != FLAGS.seed:
+    parts.append(f'ns{FLAGS.noise_seed}')
+  return os.path.join('runs', '_'.join(parts))
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; every setting is a --flag')
   if not FLAGS.logdir:
-    fail('--logdir is required: the run directory for events and checkpoints')
+    FLAGS.logdir = default_logdir()
+    print(f'run.py: writing to --logdir={FLAGS.logdir} (rerun the same command to resume; '
+          'set --logdir to choose)', file=sys.stderr)
+  # TensorFlow's own INFO lines (e.g. one per checkpoint shard, through absl or
+  # its 'tensorflow' logger) would bury the progress lines; warnings still show.
+  for name in ('absl', 'tensorflow'):
+    logging.getLogger(name).setLevel(logging.WARNING)
   # TensorFlow is imported only once the flags, the run directory and the data
   # are known to be good, so that bad input fails fast and in one line.
   from cg_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   from cg_tf import data  # pylint: disable=g-import-not-at-top
   from cg_tf import workdir  # pylint: disable=g-import-not-at-top
+  from cg_tf.errors import TrainingDiverged  # pylint: disable=g-import-not-at-top
   from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top
   try:
     hidden = tuple(int(h) for h in FLAGS.hidden)
@@ -92,15 +120,36 @@ def main(argv):
         decomp_dense_steps=FLAGS.decomp_dense_steps, null_worlds=FLAGS.null_worlds,
         decomp_sample_examples=FLAGS.decomp_sample_examples,
         decomp_sample_weights=FLAGS.decomp_sample_weights)
-    workdir.prepare(FLAGS.logdir, config)
-    own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
-    workdir.write_atomic(os.path.join(FLAGS.logdir, 'flags.txt'),
-                         ''.join(f.serialize() + '\n' for f in own_flags).encode())
-    dataset = data.load(config.dataset, config.data_dir)
+
+    def prepare_logdir():
+      workdir.prepare(FLAGS.logdir, config)
+      own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
+      workdir.write_atomic(os.path.join(FLAGS.logdir, 'flags.txt'),
+                           ''.join(f.serialize() + '\n' for f in own_flags).encode())
+
+    # Only the chief of several workers writes the run directory; which task is
+    # the chief is known once the strategy exists.
+    multiworker = FLAGS.strategy == 'multiworker'
+    if not multiworker:
+      prepare_logdir()
+    # IDX files are read without TensorFlow, so bad data fails before it loads.
+    # tfds runs TensorFlow, so it waits for the strategy: logical CPU devices
+    # can only be set up before TensorFlow runs anything.
+    by_tfds = data.uses_tfds(config.dataset, config.data_dir)
+    dataset = None if by_tfds else data.load(config.dataset, config.data_dir)
+    from cg_tf import distribute  # pylint: disable=g-import-not-at-top
+    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas, FLAGS.tpu)
+    if multiworker and distribute.is_chief(strategy):
+      prepare_logdir()
+    if by_tfds:
+      dataset = data.load(config.dataset, config.data_dir)
     from cg_tf import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, FLAGS.logdir, dataset)
+    train.train_and_evaluate(config, FLAGS.logdir, dataset, strategy)
   except UserInputError as e:
     fail(str(e))
+  except TrainingDiverged as e:
+    print(f'run.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -11,8 +11,20 @@ process and interleaved round by round, the compiled in-graph loop of:
   top_k       winsorized SGD by materialised outer products + tf.math.top_k
               (the obvious fast path, kept here to show what the default beats);
   fast        winsorized SGD by the XLA insertion network (the default);
+  authors     the authors' released update rule (google-research,
+              coherent_gradients/iclr_2020_paper/utils.py): the layer's
+              errors and inputs come back to the host, and NumPy forms the
+              per-example gradients by einsum, takes np.percentile(...,
+              [c, 100 - c], method='nearest') over the batch, clips and sums;
+              one Python step at a time, as their session loop runs;
 and prints ms per step and the ratio to the SGD step. The last line is
 `winsorized/sgd ratio (3x256, c=2): X`, X the fast path's ratio.
+
+With --cpu_replicas=N it also times sgd and fast under MirroredStrategy over N
+logical CPU devices (`sgd_mirrored`, `fast_mirrored`: every replica computes
+the whole batch, winsorization is split by output columns) beside the
+one-device runs. On a CPU the replicas share the same cores, so this shows
+what the replication costs, not a speed-up.
 """
 
 import os
@@ -29,6 +41,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cg_tf import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import distribute  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import gradients  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import winsorize  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -41,8 +54,10 @@ flags.DEFINE_multi_string('model', ['256,256,256', '2048'], 'Hidden widths of on
 flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
 flags.DEFINE_float('seconds', 3.0, 'Rough time to spend on each measurement.')
 flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
-flags.DEFINE_list('methods', ['sgd', 'per_example', 'reference', 'top_k', 'fast'],
+flags.DEFINE_list('methods', ['sgd', 'per_example', 'reference', 'top_k', 'fast', 'authors'],
                   'What to time.')
+flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
+                     'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -63,7 +78,7 @@ class PerExampleSgd(train.Experiment):
     per_example = gradients.per_example_gradients(self.model, gradients.per_example_loss,
                                                   images, labels)
     grads = [tf.reduce_sum(g, axis=0) / self.batch_size for g in per_example]
-    return grads, tf.reduce_mean(gradients.per_example_loss(self.model(images), labels))
+    return grads, tf.reduce_mean(gradients.per_example_loss(labels, self.model(images)))
 
 
 class TopKWinsorized(train.Experiment):
@@ -80,6 +95,30 @@ class TopKWinsorized(train.Experiment):
     return [by_variable[id(v)] for v in self.model.trainable_variables], tf.reduce_mean(losses)
 
 
+class AuthorsRule(train.Experiment):
+  """Winsorized SGD as the authors' released code computes it: NumPy on the host."""
+
+  @tf.function
+  def _factors(self, indices):
+    _, factors = gradients.dense_per_example_factors(
+        self.model, tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices),
+        1.0 / self.batch_size)
+    return [(a, delta) for _, a, delta in factors]
+
+  def train_steps(self, num_steps):
+    c, rng = float(self.config.winsor_c), np.random.default_rng(0)
+    for _ in range(int(num_steps)):
+      indices = rng.choice(self.noisy.num_train, self.batch_size, replace=False)
+      updates = []
+      for a, delta in self._factors(indices):
+        a, delta = a.numpy(), delta.numpy()
+        for per_example in (np.einsum('mo,mi->iom', delta, a), np.einsum('mo->om', delta)):
+          low, high = np.percentile(per_example, [c, 100 - c], axis=-1, method='nearest',
+                                    keepdims=True)
+          updates.append(np.clip(per_example, low, high).sum(axis=-1))
+      self.optimizer.apply_gradients(zip(updates, self.model.trainable_variables))
+
+
 def top_k_winsorized_sum(values, c):
   """[..., batch] -> [...]: the sum-minus-excess identity on top_k's extremes."""
   batch = values.shape[-1]
@@ -92,12 +131,15 @@ def top_k_winsorized_sum(values, c):
   return total + low * smallest[..., low] - tf.reduce_sum(smallest[..., :low], -1)
 
 
-def build(method, hidden, noisy):
-  c = 0.0 if method in ('sgd', 'per_example') else FLAGS.c
+def build(method, hidden, noisy, mirrored=None):
+  """The Experiment that `method` times; methods ending in _mirrored run on `mirrored`."""
+  base = method.replace('_mirrored', '')
+  c = 0.0 if base in ('sgd', 'per_example') else FLAGS.c
   config = Config(hidden=hidden, batch_size=FLAGS.batch_size, winsor_c=c,
-                  winsor_impl='reference' if method == 'reference' else 'fast')
-  cls = {'per_example': PerExampleSgd, 'top_k': TopKWinsorized}.get(method, train.Experiment)
-  return cls(config, noisy)
+                  winsor_impl='reference' if base == 'reference' else 'fast')
+  cls = {'per_example': PerExampleSgd, 'top_k': TopKWinsorized,
+         'authors': AuthorsRule}.get(base, train.Experiment)
+  return cls(config, noisy, mirrored if method.endswith('_mirrored') else None)
 
 
 def time_steps(experiment, num_steps):
@@ -109,6 +151,11 @@ def time_steps(experiment, num_steps):
 
 def main(argv):
   del argv
+  methods = list(FLAGS.methods)
+  mirrored = None
+  if FLAGS.cpu_replicas:
+    mirrored = distribute.make_strategy('mirrored', cpu_replicas=FLAGS.cpu_replicas)
+    methods += [f'{m}_mirrored' for m in ('sgd', 'fast') if m in methods]
   noisy = dataset()
   device = 'GPU: ' + tf.config.experimental.get_device_details(
       tf.config.list_physical_devices('GPU')[0]).get('device_name', '?') if \
@@ -119,20 +166,25 @@ def main(argv):
     hidden = tuple(int(h) for h in spec.split(','))
     name = ('%dx%d' % (len(hidden), hidden[0]) if len(set(hidden)) == 1 else spec)
     experiments, steps = {}, {}
-    for method in FLAGS.methods:
-      experiments[method] = build(method, hidden, noisy)
+    for method in methods:
+      experiments[method] = build(method, hidden, noisy, mirrored)
       time_steps(experiments[method], 2)  # trace and warm up
       once = time_steps(experiments[method], 3)
       steps[method] = max(3, int(FLAGS.seconds / once))
-    timings = {method: [] for method in FLAGS.methods}
+    timings = {method: [] for method in methods}
     for _ in range(FLAGS.rounds):
-      for method in FLAGS.methods:
+      for method in methods:
         timings[method].append(time_steps(experiments[method], steps[method]))
     ms = {method: 1000 * statistics.median(t) for method, t in timings.items()}
-    print(f'\n{name} ({experiments[FLAGS.methods[0]].num_parameters:,} parameters)')
-    print(f'  {"method":<12} {"ms/step":>10} {"ratio to sgd":>14}')
-    for method in FLAGS.methods:
-      print(f'  {method:<12} {ms[method]:>10.2f} {ms[method] / ms["sgd"]:>14.1f}')
+    print(f'\n{name} ({experiments[methods[0]].num_parameters:,} parameters)')
+    print(f'  {"method":<14} {"ms/step":>10} {"ratio to sgd":>14}')
+    for method in methods:
+      print(f'  {method:<14} {ms[method]:>10.2f} {ms[method] / ms["sgd"]:>14.1f}')
+    if mirrored is not None:
+      print(f'  (each of the {FLAGS.cpu_replicas} replicas computes the whole batch and '
+            f'winsorizes 1/{FLAGS.cpu_replicas} of the columns; the cross-replica sum moves '
+            f'{4 * experiments[methods[0]].num_parameters / 1e6:.2f} MB a step, as for '
+            'data-parallel SGD)')
     if name == '3x256' and 'fast' in ms:
       ratio_line = f'winsorized/sgd ratio (3x256, c={FLAGS.c:g}): {ms["fast"] / ms["sgd"]:.1f}'
   if ratio_line:

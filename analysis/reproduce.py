@@ -15,9 +15,11 @@ and 3 come from the same 5 runs per seed.
 """
 
 import concurrent.futures
+import fnmatch
+import queue
+import re
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading
@@ -37,6 +39,19 @@ flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
 flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
 EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized')
 flags.DEFINE_list('experiments', list(EXPERIMENTS), 'Which experiments to run.')
+flags.DEFINE_list('only', [], 'Run only the runs whose name matches one of these shell '
+                  "patterns, e.g. 'winsorized/n1_c*,label_noise/noise0'; figures and the "
+                  'report are drawn once every run is finished.')
+flags.DEFINE_string('shard', None, 'K/N: run only the K-th (1..N) of N fixed parts of the runs, '
+                    'so that N machines sharing one --out split the work.')
+flags.DEFINE_list('devices', [], 'GPU indices, e.g. 0,1,2,3: each run gets one of them '
+                  '(CUDA_VISIBLE_DEVICES) and as many runs go at once.')
+flags.DEFINE_bool('list', False, 'Print the run.py command of every selected run and exit.')
+flags.register_validator('shard', lambda v: v is None or bool(re.fullmatch(r'[1-9]\d*/[1-9]\d*', v))
+                         and int(v.split('/')[0]) <= int(v.split('/')[1]),
+                         'must be K/N with 1 <= K <= N, e.g. 2/3')
+flags.register_validator('devices', lambda v: all(d.isdigit() for d in v),
+                         'must be GPU indices, e.g. 0,1,2,3')
 flags.register_validator('experiments', lambda names: set(names) <= set(EXPERIMENTS),
                          f'must name some of {", ".join(EXPERIMENTS)}')
 FLAGS = flags.FLAGS
@@ -89,24 +104,52 @@ def winsor_c(args):
   return values[-1] if values else 0.0
 
 
-def is_complete(run_dir):
-  """True if the run's latest checkpoint is at its last step."""
-  try:
-    steps = workdir.read_config(run_dir).steps
-    with open(os.path.join(run_dir, 'checkpoints', 'checkpoint')) as f:
-      latest = re.search(r'model_checkpoint_path: ".*ckpt-(\d+)"', f.read())
-  except (OSError, ValueError):
-    return False
-  return bool(latest) and int(latest.group(1)) == steps
+def unfinished(specs, out):
+  """The specs whose run directory under OUT/runs is missing or not finished."""
+  return [(name, args) for name, args in specs
+          if not workdir.is_finished(os.path.join(out, 'runs', name))]
 
 
-def run_all(specs, out, data_dir, parallel):
+def selected(specs, patterns):
+  """The specs whose name matches one of the shell-style `patterns` (all if none)."""
+  if not patterns:
+    return specs
+  return [(name, args) for name, args in specs
+          if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+
+
+def shard(specs, k, n):
+  """The k-th (1-based) of n parts of `specs`: every run is in exactly one part.
+
+  Runs are dealt round-robin in descending order of cost (c), so the parts
+  cost about the same; the parts depend only on the specs.
+  """
+  ordered = sorted(specs, key=lambda spec: (-winsor_c(spec[1]), spec[0]))
+  return [spec for i, spec in enumerate(ordered) if i % n == k - 1]
+
+
+def command(name, args, out, data_dir):
+  """The run.py command line of one run."""
+  line = [sys.executable, os.path.join(ROOT, 'run.py'), *args,
+          f'--logdir={os.path.join(out, "runs", name)}']
+  if data_dir:
+    line.append(f'--data_dir={os.path.abspath(data_dir)}')
+  return line
+
+
+def run_all(specs, out, data_dir, parallel, devices=()):
   """Runs what is missing or unfinished, printing progress.
+
+  With `devices`, each run gets one GPU of the list to itself, and as many run at once.
 
   Returns:
     (how many runs were started, [names of the runs that failed]).
   """
-  todo = [(name, args) for name, args in specs if not is_complete(os.path.join(out, 'runs', name))]
+  todo = unfinished(specs, out)
+  free_devices = queue.Queue()
+  for device in devices:
+    free_devices.put(device)
+  parallel = len(devices) or parallel
   # Winsorizing costs about c + 1 times more per step: start the costliest runs
   # first so that parallel workers finish together.
   todo.sort(key=lambda spec: -winsor_c(spec[1]))
@@ -118,13 +161,18 @@ def run_all(specs, out, data_dir, parallel):
     name, args = spec
     log_path = os.path.join(out, 'logs', name + '.log')
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    command = [sys.executable, os.path.join(ROOT, 'run.py'), *args,
-               f'--logdir={os.path.join(out, "runs", name)}']
-    if data_dir:
-      command.append(f'--data_dir={os.path.abspath(data_dir)}')
+    env = dict(os.environ)
+    device = free_devices.get() if devices else None
+    if device is not None:
+      env['CUDA_VISIBLE_DEVICES'] = device
     began = time.time()
-    with open(log_path, 'a') as log:
-      code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      with open(log_path, 'a') as log:
+        code = subprocess.call(command(name, args, out, data_dir), cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    finally:
+      if device is not None:
+        free_devices.put(device)
     with lock:
       done[0] += 1
       if code:
@@ -257,12 +305,31 @@ def main(argv):
     os.makedirs(FLAGS.out, exist_ok=True)
   except OSError as e:
     fail(f'--out={FLAGS.out} cannot be created ({e.strerror}); choose another --out')
+  if FLAGS.devices and FLAGS.parallel not in (1, len(FLAGS.devices)):
+    fail(f'--parallel={FLAGS.parallel} but --devices lists {len(FLAGS.devices)}: each run '
+         'gets its own device, so leave --parallel out')
   specs = run_specs(FLAGS.scale, FLAGS.seeds, FLAGS.experiments)
-  ran, failed = run_all(specs, FLAGS.out, FLAGS.data_dir, FLAGS.parallel)
+  chosen = selected(specs, FLAGS.only)
+  if not chosen:
+    fail(f'--only={",".join(FLAGS.only)} matches none of the {len(specs)} runs; run names '
+         'look like label_noise/noise0.5 or winsorized/n0.5_c4')
+  if FLAGS.shard:
+    k, n = map(int, FLAGS.shard.split('/'))
+    chosen = shard(chosen, k, n)
+  if FLAGS.list:
+    for name, args in chosen:  # flagfile paths are relative to the repository
+      print(f'cd {ROOT} && ' + ' '.join(command(name, args, FLAGS.out, FLAGS.data_dir)))
+    return
+  ran, failed = run_all(chosen, FLAGS.out, FLAGS.data_dir, FLAGS.parallel, FLAGS.devices)
   if failed:
     print(f'reproduce.py: error: {len(failed)} runs failed ({", ".join(failed)}); see '
           f'{FLAGS.out}/logs/ and rerun to resume', file=sys.stderr)
     sys.exit(1)
+  missing = unfinished(specs, FLAGS.out)
+  if missing:
+    print(f'{len(missing)} of {len(specs)} runs are not finished yet; the figures and '
+          'REPORT.md are drawn once they are')
+    return
   draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments)
   print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, ran, len(specs),
                      (time.time() - start) / 60))

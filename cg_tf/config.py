@@ -30,7 +30,8 @@ class Config:
     eval_every: evaluate every this many steps, besides the log-spaced steps.
     checkpoint_every: checkpoint every this many steps (and at the end).
     winsor_c: winsorization percentile c in [0, 50); 0 is plain SGD.
-    winsor_impl: 'fast' (top_k on outer products) or 'reference' (tfp).
+    winsor_impl: 'fast' (exact, an XLA min/max network over Dense outer
+      products) or 'reference' (vectorized_map and tfp.stats.percentile).
     deterministic: enable TensorFlow's op determinism (slower on GPU).
     eval_batch_size: examples per forward pass during evaluation.
     decomp_every: measure the §2.4 decomposition every this many steps; 0 = off.

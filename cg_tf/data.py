@@ -8,6 +8,7 @@ the same noisy dataset.
 
 import dataclasses
 import gzip
+import hashlib
 import os
 from typing import Optional
 
@@ -22,6 +23,8 @@ IDX_FILES = {
     'test_images': 't10k-images-idx3-ubyte',
     'test_labels': 't10k-labels-idx1-ubyte',
 }
+# The four MNIST files shipped inside the package (mnist_data/README.md).
+PACKAGED_MNIST_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_data')
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
 
@@ -113,6 +116,26 @@ def load_idx_dir(data_dir: str) -> Dataset:
                      parts['test_labels'], f'--data_dir={data_dir}')
 
 
+def load_packaged_mnist() -> Dataset:
+  """MNIST from the copy shipped in the package, checked against its SHA256SUMS.
+
+  Raises:
+    UserInputError: a file is missing or its checksum is wrong.
+  """
+  try:
+    with open(os.path.join(PACKAGED_MNIST_DIR, 'SHA256SUMS')) as f:
+      sums = dict(reversed(line.split()) for line in f if line.strip())
+    for name, expected in sums.items():
+      with open(os.path.join(PACKAGED_MNIST_DIR, name), 'rb') as f:
+        if hashlib.sha256(f.read()).hexdigest() != expected:
+          raise UserInputError(f'{PACKAGED_MNIST_DIR}/{name} does not match its SHA256SUMS '
+                               'entry; reinstall cg_tf or pass --data_dir')
+  except OSError as e:
+    raise UserInputError(f'the MNIST copy shipped with cg_tf is incomplete ({e.strerror}: '
+                         f'{e.filename}); reinstall cg_tf or pass --data_dir') from None
+  return load_idx_dir(PACKAGED_MNIST_DIR)
+
+
 def load_tfds(name: str) -> Dataset:
   """Loads `name` ('mnist', 'fashion_mnist') through tensorflow_datasets.
 
@@ -121,18 +144,30 @@ def load_tfds(name: str) -> Dataset:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    train, test = tfds.as_numpy(tfds.load(name, split=['train', 'test'], batch_size=-1,
-                                          as_supervised=True))
+    splits = tfds.load(name, split=['train', 'test'], as_supervised=True)
+    # Finite batches: batch_size=-1 batches by 2**63 - 1 when the split size
+    # is unknown, which tf.data cannot allocate.
+    arrays = [[np.concatenate(part) for part in zip(*tfds.as_numpy(split.batch(10_000)))]
+              for split in splits]
   except Exception as e:  # pylint: disable=broad-except
-    raise UserInputError(f'tensorflow_datasets could not load {name!r} ({type(e).__name__}); '
+    raise UserInputError(f'tensorflow_datasets could not load {name!r} ({type(e).__name__}: '
+                         f'{str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}); '
                          'without network access pass --data_dir=DIR with the four IDX '
                          'files') from None
-  return _as_dataset(train[0], train[1], test[0], test[1], f'tfds:{name}')
+  (train_images, train_labels), (test_images, test_labels) = arrays
+  return _as_dataset(train_images, train_labels, test_images, test_labels, f'tfds:{name}')
+
+
+def uses_tfds(dataset: str, data_dir: Optional[str]) -> bool:
+  """True if `load(dataset, data_dir)` goes through tensorflow_datasets."""
+  return not data_dir and dataset != 'mnist'
 
 
 def load(dataset: str, data_dir: Optional[str]) -> Dataset:
-  """Loads from `data_dir` when given, else through tfds."""
-  return load_idx_dir(data_dir) if data_dir else load_tfds(dataset)
+  """Loads from `data_dir` when given; else MNIST from the package, other datasets by tfds."""
+  if data_dir:
+    return load_idx_dir(data_dir)
+  return load_tfds(dataset) if uses_tfds(dataset, data_dir) else load_packaged_mnist()
 
 
 def subset_indices(num_examples: int, size: int, noise_seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from cg_tf import gradients
 @tf.function
 def _total_gradient_chunk(model: keras.Sequential, images, labels) -> List[tf.Tensor]:
   with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(gradients.per_example_loss(model(images), labels))
+    loss = tf.reduce_sum(gradients.per_example_loss(labels, model(images)))
   return tape.gradient(loss, model.trainable_variables)
 
 

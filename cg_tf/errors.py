@@ -7,3 +7,11 @@ class UserInputError(ValueError):
   `run.py` prints the message as a single line and exits with status 2, so the
   message must say what is wrong and how to fix it.
   """
+
+
+class TrainingDiverged(RuntimeError):
+  """The training loss became NaN or infinite.
+
+  `run.py` prints the message as a single line and exits with status 1; the
+  message names the step, the value, what to try, and what was kept.
+  """

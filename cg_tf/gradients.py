@@ -13,8 +13,13 @@ import keras
 import tensorflow as tf
 
 
-def per_example_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-  """Softmax cross-entropy. logits [batch, classes], int labels [batch] -> [batch]."""
+def per_example_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+  """Softmax cross-entropy. int labels [batch], logits [batch, classes] -> [batch].
+
+  Keras' argument order (y_true, y_pred): it is what
+  keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+  computes.
+  """
   return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
@@ -26,7 +31,8 @@ def per_example_gradients(model: keras.Model,
 
   Args:
     model: maps [batch, ...] inputs to [batch, classes] logits.
-    loss_fn: (logits [batch, classes], labels [batch]) -> losses [batch].
+    loss_fn: (labels [batch], logits [batch, classes]) -> losses [batch], in
+      Keras' (y_true, y_pred) order, e.g. a Keras loss with reduction=None.
     x: [batch, ...] inputs.
     y: [batch] labels.
     fallback_to_while_loop: passed to tf.vectorized_map; tests set False so
@@ -41,7 +47,7 @@ def per_example_gradients(model: keras.Model,
   def one_example(example):
     xe, ye = example
     with tf.GradientTape() as tape:
-      loss = tf.reduce_sum(loss_fn(model(xe[tf.newaxis]), ye[tf.newaxis]))
+      loss = tf.reduce_sum(loss_fn(ye[tf.newaxis], model(xe[tf.newaxis])))
     return tape.gradient(loss, variables)
 
   return tf.vectorized_map(one_example, (x, y), fallback_to_while_loop=fallback_to_while_loop)
@@ -81,7 +87,7 @@ def dense_per_example_factors(
       tape.watch(z)
       preactivations.append(z)
       activation = layer.activation(z)
-    losses = per_example_loss(activation, y)
+    losses = per_example_loss(y, activation)
     total = tf.reduce_sum(losses) * loss_scale
   deltas = tape.gradient(total, preactivations)
   return losses, list(zip(layers, inputs, deltas))

@@ -2,11 +2,16 @@
 TensorBoard summaries, per-example learning times and checkpoints.
 
 Structure (tensorflow/privacy, uncertainty-baselines): a pure step function
-`train_step(images, labels)` that `strategy.run` can call; a compiled loop
-`train_steps(n)` running n steps with `tf.range`, drawing minibatches in-graph
-from a stateless per-epoch shuffle, so nothing on the Python side changes
-inside the loop; evaluation, summaries and checkpoints in eager code between
-calls. The step count is `optimizer.iterations`.
+`train_step(images, labels)` that `strategy.run` calls on every replica; a
+compiled loop `train_steps(n)` running n steps with `tf.range`, drawing
+minibatches in-graph from a stateless per-epoch shuffle, so nothing on the
+Python side changes inside the loop; evaluation, summaries and checkpoints in
+eager code between calls. The step count is `optimizer.iterations`.
+
+One loop for every strategy (distribute.py): the loop draws the global
+minibatch, every replica computes it, and the replicas split the
+winsorization by output columns, so the numbers do not depend on the
+replica count.
 
 Seed scheme: `config.seed` sets Keras' global seed, the kernel initialisers
 (model.build_mlp) and the shuffle, which for epoch k is
@@ -27,12 +32,14 @@ import tensorflow as tf
 
 from cg_tf import data as data_lib
 from cg_tf import decomposition
+from cg_tf import distribute
 from cg_tf import gradients
 from cg_tf import model as model_lib
 from cg_tf import schedule
 from cg_tf import winsorize
 from cg_tf import workdir as workdir_lib
 from cg_tf.config import Config
+from cg_tf.errors import TrainingDiverged
 from cg_tf.errors import UserInputError
 
 log = logging.getLogger('cg_tf')
@@ -66,12 +73,13 @@ class Experiment:
                                             trainable=False, name='first_learned_step')
       self.learned_since_step = tf.Variable(tf.fill([num_train], tf.constant(-1, tf.int64)),
                                             trainable=False, name='learned_since_step')
+      self.batch_loss = keras.metrics.Mean('train_batch/loss')
+      self.clipped_fraction = keras.metrics.Mean('train_batch/winsor_clipped_fraction')
+    # The minibatch is drawn outside strategy.run, so the data need no copy per replica.
     self.train_images = tf.Variable(noisy.data.train_images, trainable=False)
     self.train_labels = tf.Variable(noisy.train_labels, trainable=False)
     self.permutation = tf.Variable(tf.range(num_train, dtype=tf.int32), trainable=False)
     self.permutation_epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
-    self.batch_loss = keras.metrics.Mean('train_batch/loss')
-    self.clipped_fraction = keras.metrics.Mean('train_batch/winsor_clipped_fraction')
     self.num_parameters = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
 
   @property
@@ -84,36 +92,56 @@ class Experiment:
                                learned_since_step=self.learned_since_step)
 
   def _gradients(self, images: tf.Tensor, labels: tf.Tensor):
-    """(gradient per trainable variable, mean loss) of one minibatch."""
-    c, batch = float(self.config.winsor_c), tf.cast(tf.shape(labels)[0], tf.float32)
+    """This replica's share of the minibatch gradient, and the mean loss.
+
+    Every replica computes the whole minibatch (distribute.py): the update
+    comes whole from replica 0 (SGD, the reference path) or column block by
+    column block from every replica (the fast winsorized path), zeros
+    elsewhere, so the optimizer's cross-replica sum is the one-device update.
+
+    Args:
+      images: [B, 784], the global minibatch.
+      labels: [B].
+
+    Returns:
+      (one tensor per trainable variable, float32 scalar).
+    """
+    c, batch = float(self.config.winsor_c), self.batch_size
     variables = self.model.trainable_variables
-    if c == 0:
+    if c == 0 or self.config.winsor_impl == 'reference':
       with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(gradients.per_example_loss(self.model(images), labels))
-      return tape.gradient(loss, variables), loss
-    if self.config.winsor_impl == 'reference':
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(gradients.per_example_loss(self.model(images), labels))
-      per_example = gradients.per_example_gradients(self.model, gradients.per_example_loss,
-                                                    images, labels)
-      # The loss is the minibatch mean, so example e contributes g_e / batch.
-      grads = [winsorize.winsorized_sum_reference(g / batch, c) for g in per_example]
-      return grads, loss
+        loss = tf.reduce_sum(gradients.per_example_loss(labels, self.model(images))) / batch
+      if c == 0:
+        grads = tape.gradient(loss, variables)
+      else:
+        # The loss is the minibatch mean, so example e contributes g_e / batch.
+        grads = [winsorize.winsorized_sum_reference(g / batch, c) for g in
+                 gradients.per_example_gradients(self.model, gradients.per_example_loss,
+                                                 images, labels)]
+      return [distribute.only_first_replica(g) for g in grads], loss
     losses, factors = gradients.dense_per_example_factors(self.model, images, labels,
-                                                          loss_scale=1.0 / self.batch_size)
+                                                          loss_scale=1.0 / batch)
     by_variable, num_clipped = {}, tf.constant(0, tf.int64)
     for layer, a, delta in factors:
-      kernel_sum, kernel_clipped = winsorize.winsorized_outer_sum_and_count(a, delta, c)
-      bias_sum, bias_clipped = winsorize.winsorized_sum_and_count(delta, c)
-      by_variable[id(layer.kernel)] = kernel_sum
-      by_variable[id(layer.bias)] = bias_sum
+      width = delta.shape[-1]
+      columns = distribute.own_columns(width)
+      kernel_sum, kernel_clipped = winsorize.winsorized_outer_sum_and_count(a, delta, c, columns)
+      bias_sum, bias_clipped = winsorize.winsorized_sum_and_count(delta, c, columns)
+      by_variable[id(layer.kernel)] = distribute.place_columns(kernel_sum, width)
+      by_variable[id(layer.bias)] = distribute.place_columns(bias_sum, width)
       num_clipped += kernel_clipped + bias_clipped
+    num_clipped = distribute.sum_over_replicas(num_clipped)
     self.clipped_fraction.update_state(
         tf.cast(num_clipped, tf.float32) / (self.num_parameters * self.batch_size))
     return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses)
 
   def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> None:
-    """One (winsorized) SGD step on a minibatch: images [batch, 784], labels [batch]."""
+    """One (winsorized) SGD step on the global minibatch, run on every replica by strategy.run.
+
+    Args:
+      images: [B, 784], the global minibatch.
+      labels: [B].
+    """
     grads, loss = self._gradients(images, labels)
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     self.batch_loss.update_state(loss)
@@ -138,7 +166,7 @@ class Experiment:
   @tf.function
   def _predict(self, images: tf.Tensor, labels: tf.Tensor):
     logits = self.model(images)
-    return (gradients.per_example_loss(logits, labels),
+    return (gradients.per_example_loss(labels, logits),
             tf.argmax(logits, axis=-1, output_type=tf.int32))
 
   def predict(self, images: np.ndarray, labels: np.ndarray):
@@ -206,19 +234,29 @@ def train_and_evaluate(config: Config, workdir: str,
   checkpoints under checkpoints/. Rerunning after a kill resumes from the last
   checkpoint and ends with the same numbers as an uninterrupted run.
 
+  Under MultiWorkerMirroredStrategy every worker runs this with the same
+  arguments; only the chief writes the run directory.
+
   Args:
     config: the experiment.
     workdir: run directory.
     dataset: clean dataset to use instead of loading config.dataset (tests).
-    strategy: a tf.distribute strategy; the default strategy if None.
+    strategy: a tf.distribute strategy; the default strategy if None. The
+      numbers do not depend on it beyond float32 summation order, and a run
+      checkpointed under one strategy resumes under another.
 
   Returns:
     The metrics of the last evaluation.
 
   Raises:
     UserInputError: bad data directory, unwritable or mismatched workdir.
+    TrainingDiverged: the training loss became NaN or infinite; the last
+      good checkpoint and the summaries so far are kept.
   """
-  workdir_lib.prepare(workdir, config)
+  strategy = strategy or tf.distribute.get_strategy()
+  chief = distribute.is_chief(strategy)
+  if chief:
+    workdir_lib.prepare(workdir, config)
   if dataset is None:
     dataset = data_lib.load(config.dataset, config.data_dir)
   noisy = data_lib.make_noisy(dataset, config.train_size, config.noise, config.noise_seed)
@@ -226,14 +264,23 @@ def train_and_evaluate(config: Config, workdir: str,
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   experiment = Experiment(config, noisy, strategy)
+  # Every worker resumes from the chief's checkpoints and takes part in each
+  # save; a non-chief worker's copy goes to scratch space and is deleted.
+  latest = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
+  if latest:
+    experiment.checkpoint().restore(latest).assert_existing_objects_matched()
+    log.info('resuming at step %d from %s', experiment.step, latest)
   manager = tf.train.CheckpointManager(experiment.checkpoint(),
-                                       os.path.join(workdir, 'checkpoints'), max_to_keep=3)
-  if manager.latest_checkpoint:
-    manager.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    log.info('resuming at step %d from %s', experiment.step, manager.latest_checkpoint)
+                                       distribute.checkpoint_dir(workdir, strategy), max_to_keep=3)
+
+  def save_checkpoint(step):
+    manager.save(checkpoint_number=step)
+    if not chief:
+      tf.io.gfile.rmtree(manager.directory)
+
   recorder = None
   decomp_steps = set(schedule.decomposition_steps(config.steps, config.decomp_every,
-                                                  config.decomp_dense_steps))
+                                                  config.decomp_dense_steps)) if chief else set()
   if decomp_steps:
     recorder = decomposition.Recorder(
         experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
@@ -242,14 +289,14 @@ def train_and_evaluate(config: Config, workdir: str,
     saved = workdir_lib.read_decomposition(workdir)
     if saved is not None:
       recorder.restore(saved, experiment.step)
-  writer = tf.summary.create_file_writer(workdir)
+  writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
   eval_steps = set(schedule.evaluation_steps(config.steps, config.eval_every,
                                              config.checkpoint_every))
   checkpoint_steps = set(schedule.checkpoint_steps(config.steps, config.checkpoint_every))
   metrics: Dict[str, float] = {}
-  log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d',
+  log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d, %s',
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
-           experiment.batch_size)
+           experiment.batch_size, distribute.describe(strategy))
 
   def decompose():
     step = experiment.step
@@ -272,9 +319,16 @@ def train_and_evaluate(config: Config, workdir: str,
       for name, value in metrics.items():
         tf.summary.scalar(name, value)
     writer.flush()
-    workdir_lib.save_examples(workdir, experiment.examples_record())
+    if not np.isfinite(metrics['train/loss']):
+      raise TrainingDiverged(
+          f'training diverged at step {step}: the training loss is {metrics["train/loss"]}. '
+          f'Kept: the summaries to step {step} and the last good checkpoint '
+          f'({manager.latest_checkpoint or "none"}). Try a --learning_rate smaller than '
+          f'{config.learning_rate:g} in a new --logdir')
+    if chief:
+      workdir_lib.save_examples(workdir, experiment.examples_record())
     if step in checkpoint_steps:
-      manager.save(checkpoint_number=step)
+      save_checkpoint(step)
     eta = ('' if not steps_per_second else
            f', ETA {(config.steps - step) / steps_per_second / 60:.1f} min')
     log.info('step %d/%d: train %.4f (pristine %s, corrupt %s), test %.4f, loss %.4f%s%s',
@@ -309,6 +363,8 @@ def train_and_evaluate(config: Config, workdir: str,
     log.info('run in %s already complete at step %d', workdir, experiment.step)
     metrics = experiment.evaluate()
   writer.close()
+  if chief:
+    workdir_lib.save_final_metrics(workdir, experiment.step, metrics)
   return metrics
 
 

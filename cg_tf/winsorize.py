@@ -19,7 +19,7 @@ network treats values as a multiset, so ties need no care. Measured against
 tf.math.top_k by analysis/bench_step.py (README).
 """
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -111,24 +111,30 @@ def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, 
 
 
 @tf.function(jit_compile=True)
-def winsorized_sum_and_count(per_example: tf.Tensor, c: float) -> Tuple[tf.Tensor, tf.Tensor]:
+def winsorized_sum_and_count(per_example: tf.Tensor, c: float,
+                             columns: Optional[tf.Tensor] = None) -> Tuple[tf.Tensor, tf.Tensor]:
   """Fast exact winsorized sum over axis 0, and how many entries clipping changed.
 
   Args:
     per_example: [batch, ...] with a static batch size.
     c: percentile in [0, 50) (a Python number: each value compiles once).
+    columns: optionally int32 [k], for per_example [batch, width]: winsorize
+      only these columns (-1: a padding column, result 0).
 
   Returns:
-    ([...] winsorized sum, int64 scalar count of entries strictly outside
-    their coordinate's bounds; an entry equal to its bound is unchanged).
+    ([...] or [k] winsorized sum, int64 scalar count of entries strictly
+    outside their coordinate's bounds; an entry equal to its bound is unchanged).
   """
+  if columns is not None:
+    per_example = _own_columns(per_example, columns)
   return _winsorize_streaming(lambda e: per_example[e], per_example.shape[0],
                               per_example.shape[1:], tf.reduce_sum(per_example, axis=0), c)
 
 
 @tf.function(jit_compile=True)
-def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor,
-                                   c: float) -> Tuple[tf.Tensor, tf.Tensor]:
+def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor, c: float,
+                                   columns: Optional[tf.Tensor] = None
+                                   ) -> Tuple[tf.Tensor, tf.Tensor]:
   """Winsorized sum over e of outer(activations[e], deltas[e]), never materialised.
 
   This is a Dense kernel's winsorized gradient: example e's kernel gradient is
@@ -138,14 +144,26 @@ def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor,
     activations: [batch, fan_in].
     deltas: [batch, fan_out].
     c: percentile in [0, 50).
+    columns: optionally int32 [k], the output columns to winsorize (one
+      replica's block); -1 marks a padding column, whose result is 0. Every
+      returned entry has the bits it has when all columns are winsorized.
 
   Returns:
-    ([fan_in, fan_out] winsorized sum, int64 scalar count of clipped entries).
+    ([fan_in, fan_out] or [fan_in, k] winsorized sum, int64 scalar count of
+    clipped entries).
   """
+  total = tf.matmul(activations, deltas, transpose_a=True)
+  if columns is not None:
+    total, deltas = (_own_columns(x, columns) for x in (total, deltas))
   return _winsorize_streaming(
       lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :],
-      activations.shape[0], [activations.shape[1], deltas.shape[1]],
-      tf.matmul(activations, deltas, transpose_a=True), c)
+      activations.shape[0], [activations.shape[1], deltas.shape[1]], total, c)
+
+
+def _own_columns(values: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+  """values[:, columns], with zeros where a column is -1. [n, width] -> [n, k]."""
+  picked = tf.gather(values, tf.maximum(columns, 0), axis=1)
+  return tf.where(columns >= 0, picked, tf.zeros_like(picked))
 
 
 def winsorized_sum(per_example: tf.Tensor, c: float) -> tf.Tensor:

@@ -13,6 +13,9 @@ from cg_tf.errors import UserInputError
 CONFIG_FILE = 'config.json'
 EXAMPLES_FILE = 'examples.npz'
 DECOMPOSITION_FILE = 'decomposition.npz'
+# Written once the last step is evaluated and checkpointed: its presence with
+# that step is what "the run is finished" means to reproduce.py.
+FINAL_METRICS_FILE = 'final_metrics.json'
 # Fields that may differ when a run is resumed: they do not change its numbers
 # (steps only extends or shortens it).
 RESUMABLE_CHANGES = ('steps', 'data_dir', 'eval_batch_size')
@@ -58,7 +61,9 @@ def write_atomic(path: str, payload: bytes) -> None:
 
 def _save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
   tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
+  # Compressed: per-example records are mostly -1s and small integers, and
+  # finished runs' records are kept in git (results/).
+  np.savez_compressed(tmp, **arrays)
   os.replace(tmp, path)
 
 
@@ -79,6 +84,22 @@ def read_decomposition(workdir: str) -> Optional[Dict[str, np.ndarray]]:
     return None
   with np.load(path) as record:
     return {key: record[key] for key in record.files}
+
+
+def save_final_metrics(workdir: str, step: int, metrics: Dict[str, float]) -> None:
+  """Writes final_metrics.json: {'step': step, 'metrics': {name: value}}."""
+  write_atomic(os.path.join(workdir, FINAL_METRICS_FILE),
+               json.dumps({'step': step, 'metrics': metrics}, indent=2, sort_keys=True).encode())
+
+
+def is_finished(workdir: str) -> bool:
+  """True if the run in `workdir` has reached and recorded the last step of its config."""
+  try:
+    with open(os.path.join(workdir, FINAL_METRICS_FILE)) as f:
+      final_step = json.load(f)['step']
+    return final_step == read_config(workdir).steps
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
 
 
 def read_config(workdir: str) -> Config:

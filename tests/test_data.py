@@ -1,7 +1,10 @@
 """Label noise, subsets and the IDX reader against independent references."""
 
 import gzip
+import hashlib
 import os
+import shutil
+from unittest import mock
 
 from absl.testing import parameterized
 import numpy as np
@@ -147,10 +150,16 @@ class IdxTest(parameterized.TestCase):
     with self.assertRaisesRegex(UserInputError, 'not a directory'):
       data.load_idx_dir(os.path.join(directory, 'nope'))
 
-  def test_real_mnist(self):
-    if not os.path.isdir(SHARED_MNIST):
-      self.skipTest('../shared/data/mnist is not beside the checkout')
-    mnist = data.load_idx_dir(SHARED_MNIST)
+  def test_packaged_mnist_is_the_original(self):
+    # The well-known MD5 sums of the four decompressed MNIST files.
+    md5 = {'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
+           'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
+           't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
+           't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637'}
+    for stem, expected in md5.items():
+      with gzip.open(os.path.join(data.PACKAGED_MNIST_DIR, stem + '.gz'), 'rb') as f:
+        self.assertEqual(hashlib.md5(f.read()).hexdigest(), expected, stem)
+    mnist = data.load('mnist', None)
     self.assertEqual(mnist.train_images.shape, (60000, 784))
     self.assertEqual(mnist.test_images.shape, (10000, 784))
     np.testing.assert_array_equal(mnist.train_labels[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
@@ -158,3 +167,39 @@ class IdxTest(parameterized.TestCase):
     # The well-known class counts of MNIST's training set.
     np.testing.assert_array_equal(np.bincount(mnist.train_labels),
                                   [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    if os.path.isdir(SHARED_MNIST):
+      shared = data.load_idx_dir(SHARED_MNIST)
+      np.testing.assert_array_equal(shared.train_images, mnist.train_images)
+      np.testing.assert_array_equal(shared.test_labels, mnist.test_labels)
+
+  def test_a_damaged_packaged_file_is_refused(self):
+    copy = self.create_tempdir().full_path
+    for name in os.listdir(data.PACKAGED_MNIST_DIR):
+      shutil.copy(os.path.join(data.PACKAGED_MNIST_DIR, name), copy)
+    with open(os.path.join(copy, 't10k-labels-idx1-ubyte.gz'), 'r+b') as f:
+      f.seek(100)
+      f.write(b'x')
+    with mock.patch.object(data, 'PACKAGED_MNIST_DIR', copy):
+      with self.assertRaisesRegex(UserInputError, 't10k-labels-idx1-ubyte.gz does not match'):
+        data.load('mnist', None)
+    shutil.copy(os.path.join(data.PACKAGED_MNIST_DIR, 't10k-labels-idx1-ubyte.gz'), copy)
+    os.remove(os.path.join(copy, 'train-images-idx3-ubyte.gz'))
+    with mock.patch.object(data, 'PACKAGED_MNIST_DIR', copy):
+      with self.assertRaisesRegex(UserInputError, 'incomplete.*train-images'):
+        data.load('mnist', None)
+
+  @parameterized.parameters('mnist', 'fashion_mnist')
+  def test_tfds_path_offline(self, name):
+    # tfds.testing.mock_data fakes the dataset (random images of the declared
+    # shape and classes) without downloading anything.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    with tfds.testing.mock_data(num_examples=30):
+      dataset = data.load_tfds(name)
+      through_load = data.load(name, None) if name != 'mnist' else dataset
+    self.assertEqual(dataset.train_images.shape, (30, 784))
+    self.assertEqual(dataset.test_images.shape, (30, 784))
+    self.assertEqual(dataset.train_images.dtype, np.float32)
+    self.assertBetween(float(dataset.train_images.min()), 0.0, 1.0)
+    self.assertBetween(float(dataset.train_images.max()), 0.0, 1.0)
+    self.assertTrue(np.all((dataset.train_labels >= 0) & (dataset.train_labels < 10)))
+    np.testing.assert_array_equal(through_load.train_labels, dataset.train_labels)

@@ -1,6 +1,7 @@
 """Per-example gradients against a Python loop and a float64 NumPy derivation."""
 
 from absl.testing import parameterized
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -45,15 +46,28 @@ class PerExampleGradientsTest(parameterized.TestCase, tf.test.TestCase):
                                           fallback_to_while_loop=False)
     for e in range(10):
       with tf.GradientTape() as tape:
-        loss = gradients.per_example_loss(model(x[e:e + 1]), y[e:e + 1])[0]
+        loss = gradients.per_example_loss(y[e:e + 1], model(x[e:e + 1]))[0]
       for g, single in zip(got, tape.gradient(loss, model.trainable_variables)):
         self.assertAllClose(g[e], single, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(1, 7)
+  def test_a_keras_loss_works(self, size):
+    # Keras losses take (y_true, y_pred); with reduction=None they are per-example.
+    model = random_model((5, 4), 2)
+    x, y = batch(2, size)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    got = gradients.per_example_gradients(model, keras_loss, x, y)
+    expected = reference.mlp_per_example_gradients(
+        [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers], x.numpy(),
+        y.numpy())
+    for g, e in zip(got, expected):
+      self.assertAllClose(g, e, rtol=1e-4, atol=1e-5)
 
   def test_sum_is_batch_gradient(self):
     model = random_model((8,), 4)
     x, y = batch(4, 32)
     with tf.GradientTape() as tape:
-      loss = tf.reduce_mean(gradients.per_example_loss(model(x), y))
+      loss = tf.reduce_mean(gradients.per_example_loss(y, model(x)))
     batch_grads = tape.gradient(loss, model.trainable_variables)
     per_example = gradients.per_example_gradients(model, gradients.per_example_loss, x, y)
     for g, b in zip(per_example, batch_grads):
@@ -67,7 +81,7 @@ class PerExampleGradientsTest(parameterized.TestCase, tf.test.TestCase):
         [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers], x.numpy(),
         y.numpy())
     losses, factors = gradients.dense_per_example_factors(model, x, y, loss_scale)
-    self.assertAllClose(losses, gradients.per_example_loss(model(x), y))
+    self.assertAllClose(losses, gradients.per_example_loss(y, model(x)))
     for i, (layer, a, delta) in enumerate(factors):
       self.assertIs(layer, model.layers[i])
       self.assertAllClose(tf.einsum('bi,bo->bio', a, delta), expected[2 * i] * loss_scale,

@@ -18,10 +18,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(['--seeds=0'], ['--parallel=0'], ['--experiments=label_noise,typo'],
-                            ['--data_dir=/nonexistent/mnist'], ['--out=/proc/cg_tf_repro'])
-  def test_bad_input_is_one_line_and_exit_2(self, bad_flag):
+                            ['--data_dir=/nonexistent/mnist'], ['--out=/proc/cg_tf_repro'],
+                            ['--shard=3/2'], ['--shard=1'], ['--devices=0,x'],
+                            ['--devices=0,1', '--parallel=3'], ['--only=no_such_run'])
+  def test_bad_input_is_one_line_and_exit_2(self, *bad_flags):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
-                             bad_flag], cwd=self.create_tempdir().full_path, capture_output=True,
+                             *bad_flags, '--list'], cwd=self.create_tempdir().full_path, capture_output=True,
                             text=True, timeout=120)
     self.assertEqual(result.returncode, 2, result.stderr)
     self.assertEqual(result.stdout, '')
@@ -54,11 +56,47 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
   def test_seed_dirs(self):
     self.assertEqual(reproduce.seed_dirs('runs/a', 3), ['runs/a', 'runs/a_s1', 'runs/a_s2'])
 
-  def test_is_complete(self):
+  def test_is_finished(self):
     run_dir = self.create_tempdir()
-    self.assertFalse(reproduce.is_complete(run_dir.full_path))
+    self.assertFalse(workdir.is_finished(run_dir.full_path))
     workdir.prepare(run_dir.full_path, config_lib.Config(steps=3000))
-    run_dir.create_file('checkpoints/checkpoint', 'model_checkpoint_path: "ckpt-2000"\n')
-    self.assertFalse(reproduce.is_complete(run_dir.full_path))
-    run_dir.create_file('checkpoints/checkpoint', 'model_checkpoint_path: "ckpt-3000"\n')
-    self.assertTrue(reproduce.is_complete(run_dir.full_path))
+    self.assertFalse(workdir.is_finished(run_dir.full_path))
+    workdir.save_final_metrics(run_dir.full_path, 2000, {'train/accuracy': 0.5})
+    self.assertFalse(workdir.is_finished(run_dir.full_path))
+    workdir.save_final_metrics(run_dir.full_path, 3000, {'train/accuracy': 0.5})
+    self.assertTrue(workdir.is_finished(run_dir.full_path))
+    specs = [('a', []), ('b', [])]
+    self.assertEqual(reproduce.unfinished(specs, run_dir.full_path), specs)
+
+  @parameterized.parameters(1, 2, 3, 7)
+  def test_shards_cover_every_run_once(self, n):
+    specs = reproduce.run_specs('full', 2, ['label_noise', 'decomposition', 'winsorized'])
+    parts = [reproduce.shard(specs, k, n) for k in range(1, n + 1)]
+    names = [name for part in parts for name, _ in part]
+    self.assertCountEqual(names, [name for name, _ in specs])
+    self.assertLessEqual(max(map(len, parts)) - min(map(len, parts)), 1)
+    self.assertEqual(parts, [reproduce.shard(specs, k, n) for k in range(1, n + 1)])
+
+  def test_only_selects_by_pattern(self):
+    specs = reproduce.run_specs('mini', 1, ['label_noise', 'winsorized'])
+    chosen = reproduce.selected(specs, ['winsorized/n1_c*', 'label_noise/noise0'])
+    self.assertEqual([name for name, _ in chosen],
+                     ['label_noise/noise0'] + [f'winsorized/n1_c{c}' for c in (0, 1, 2, 4, 8)])
+    self.assertEqual(reproduce.selected(specs, []), specs)
+
+  def test_list_prints_every_command_of_a_shard(self):
+    out = self.create_tempdir().full_path
+    lines = []
+    for k in (1, 2):
+      result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
+                               '--scale=full', f'--out={out}', '--list', f'--shard={k}/2'],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+      self.assertEqual(result.returncode, 0, result.stderr)
+      lines += result.stdout.strip().splitlines()
+    self.assertLen(lines, 30)
+    self.assertLen(set(lines), 30)
+    for line in lines:
+      self.assertStartsWith(line, f'cd {ROOT} && ')
+      self.assertIn('run.py --flagfile=flags/', line)
+      self.assertRegex(line, r'--logdir=\S+/runs/(label_noise|winsorized)/')
+    self.assertFalse(os.path.exists(os.path.join(out, 'runs')))

@@ -101,7 +101,6 @@ class RunTest(parameterized.TestCase):
       ('bad_hidden', ['--hidden=256,x'], '--hidden'),
       ('bad_enum', ['--init=xavier'], '--init'),
       ('missing_data_dir', ['--data_dir=/nonexistent/mnist'], 'not a directory'),
-      ('no_logdir', [], '--logdir is required'),
   )
   def test_bad_input_is_one_line_and_exit_2(self, args, message):
     logdir = [] if not args else [f'--logdir={self.create_tempdir().full_path}/run']
@@ -112,6 +111,43 @@ class RunTest(parameterized.TestCase):
     self.assertLen(lines, 1, result.stderr)
     self.assertStartsWith(lines[0], 'run.py: error: ')
     self.assertIn(message, lines[0])
+
+  def test_divergence_is_one_line_and_keeps_the_last_good_checkpoint(self):
+    logdir = self.create_tempdir().full_path
+    flags = [f'--data_dir={self.data_dir}', '--steps=200', '--learning_rate=1e30', *SMALL,
+             f'--logdir={logdir}']
+    for attempt in range(2):  # the rerun resumes from step 0 and stops the same way
+      result = run_py(*flags)
+      self.assertEqual(result.returncode, 1, result.stderr[-2000:])
+      self.assertNotIn('Traceback', result.stderr)
+      last = result.stderr.strip().splitlines()[-1]
+      self.assertRegex(last, r'^run\.py: error: training diverged at step 1: the training '
+                       r'loss is nan\. Kept: .*ckpt-0\)\. Try a --learning_rate smaller than '
+                       r'1e\+30 in a new --logdir$')
+      self.assertEqual(('resuming at step 0' in result.stderr), attempt == 1)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(logdir,
+                                                                              'checkpoints')))
+    for name in reader.get_variable_to_shape_map():
+      if name.startswith('optimizer/_trainable_variables/'):
+        self.assertTrue(np.all(np.isfinite(reader.get_tensor(name))), name)
+    values = scalars(logdir)
+    self.assertTrue(np.isfinite(values[('train/loss', 0)]))
+    self.assertTrue(np.isnan(values[('train/loss', 1)]))
+    self.assertFalse(os.path.exists(os.path.join(logdir, 'final_metrics.json')))
+
+  def test_default_logdir_and_packaged_mnist(self):
+    cwd = self.create_tempdir().full_path
+    command = [sys.executable, os.path.join(ROOT, 'run.py'), '--train_size=500', '--steps=20',
+               '--noise=0.5', '--winsor_c=4', *SMALL]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    logdir = os.path.join('runs', 'mnist_32_500ex_n0.5_c4_s0')
+    self.assertIn(f'writing to --logdir={logdir}', result.stderr)
+    with open(os.path.join(cwd, logdir, 'final_metrics.json')) as f:
+      self.assertEqual(json.load(f)['step'], 20)
+    self.assertIsNone(json.load(open(os.path.join(cwd, logdir, 'config.json')))['data_dir'])
+    # The log is the progress lines: no TensorFlow INFO line per checkpoint.
+    self.assertNotIn('Sharding callback', result.stderr)
 
   def test_malformed_data_dir(self):
     directory = self.create_tempdir()

@@ -1,0 +1,173 @@
+"""The same bits on 1, 2 and 4 replicas and on 2 workers; resuming across replica counts.
+
+Exercised on logical CPU devices (MirroredStrategy) and on worker processes on
+localhost ports (MultiWorkerMirroredStrategy): each run is its own process,
+because logical devices must be configured before TensorFlow starts.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from tests import test_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ['--hidden=32', '--batch_size=50', '--eval_every=20', '--checkpoint_every=20',
+         '--eval_batch_size=500', '--noise=0.5']
+
+
+def replica_run(replicas, overrides, workdir):
+  """tests/replica_runs.py in its own process: (final metrics, checkpointed arrays)."""
+  result = subprocess.run([sys.executable, '-m', 'tests.replica_runs', str(replicas),
+                           json.dumps(overrides), workdir], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  if result.returncode:
+    raise AssertionError(result.stderr[-3000:])
+  with np.load(os.path.join(workdir, 'weights.npz')) as arrays:
+    return json.loads(result.stdout.strip().splitlines()[-1])['metrics'], dict(arrays)
+
+
+def free_ports(count):
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(('localhost', 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def run_py(*args, env=None, wait=True):
+  command = [sys.executable, os.path.join(ROOT, 'run.py'), *args]
+  env = {**os.environ, **(env or {})}
+  if not wait:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def checkpointed_weights(logdir):
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(logdir,
+                                                                            'checkpoints')))
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if name.startswith('optimizer/_trainable_variables/')}
+
+
+class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
+
+  def assert_same_run(self, expected, got):
+    (expected_metrics, expected_arrays), (metrics, arrays) = expected, got
+    self.assertEqual(sorted(expected_arrays), sorted(arrays))
+    for name, value in expected_arrays.items():
+      self.assertAllEqual(arrays[name], value, msg=name)
+    for name, value in expected_metrics.items():
+      if name != 'steps_per_second':
+        self.assertEqual(metrics[name], value, name)
+
+  @parameterized.named_parameters(
+      ('sgd', {'winsor_c': 0}),
+      ('winsorized_fast', {'winsor_c': 2}),
+      ('winsorized_reference', {'winsor_c': 2, 'winsor_impl': 'reference'}),
+      ('with_decomposition', {'decomp_every': 25}),
+  )
+  def test_one_two_and_four_replicas_give_the_same_bits(self, overrides):
+    runs = {n: replica_run(n, overrides, self.create_tempdir().full_path) for n in (1, 2, 4)}
+    for n in (2, 4):
+      self.assert_same_run(runs[1], runs[n])
+    if overrides.get('winsor_c') and overrides.get('winsor_impl') != 'reference':
+      # c = 2 of a batch of 100 clips 2 + 2 values of each coordinate; each
+      # replica counts its own columns, and the fraction logged is their sum.
+      self.assertGreater(runs[1][0]['train_batch/winsor_clipped_fraction'], 0.0)
+
+  def test_a_checkpoint_resumes_on_another_replica_count(self):
+    overrides = {'winsor_c': 2}
+    whole = replica_run(1, overrides, self.create_tempdir().full_path)
+    for first, then in ((1, 2), (2, 1)):
+      workdir = self.create_tempdir().full_path
+      replica_run(first, {**overrides, 'steps': 25}, workdir)
+      self.assert_same_run(whole, replica_run(then, overrides, workdir))
+
+
+class LaunchTest(parameterized.TestCase, tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data_dir = test_data.write_fake_mnist(
+        os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_d{os.getpid()}'),
+        num_train=400, num_test=100)
+
+  @parameterized.named_parameters(
+      ('no_tpu', ['--strategy=tpu'], {}, '--strategy=tpu could not reach the TPU'),
+      ('no_tf_config', ['--strategy=multiworker'], {'TF_CONFIG': ''},
+       '--strategy=multiworker needs TF_CONFIG'),
+      ('bad_tf_config', ['--strategy=multiworker'], {'TF_CONFIG': '{"task": 1'},
+       'TF_CONFIG must be JSON'),
+      ('cpu_replicas_without_mirrored', ['--cpu_replicas=2'], {}, '--cpu_replicas needs'),
+      ('mirrored_without_gpu', ['--strategy=mirrored'], {}, 'found no GPU'),
+  )
+  def test_bad_hardware_request_is_one_line_and_exit_2(self, args, env, message):
+    logdir = os.path.join(self.create_tempdir().full_path, 'run')
+    result = run_py(f'--data_dir={self.data_dir}', '--steps=20', *SMALL, *args,
+                    f'--logdir={logdir}', env=env)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertNotIn('Traceback', result.stderr)
+    # TensorFlow's start-up banner may come first; the error is the last line.
+    last = result.stderr.strip().splitlines()[-1]
+    self.assertStartsWith(last, 'run.py: error: ')
+    self.assertIn(message, last)
+
+  def workers(self, logdir, flags, ports):
+    cluster = {'worker': [f'localhost:{port}' for port in ports]}
+    return [run_py(*flags, '--strategy=multiworker', f'--logdir={logdir}', wait=False,
+                   env={'TF_CONFIG': json.dumps({'cluster': cluster,
+                                                 'task': {'type': 'worker', 'index': i}})})
+            for i in range(len(ports))]
+
+  def test_two_workers_match_one_device_and_a_killed_pair_resumes(self):
+    flags = [f'--data_dir={self.data_dir}', '--steps=200', '--winsor_c=2', *SMALL]
+    one = self.create_tempdir().full_path
+    self.assertEqual(run_py(*flags, f'--logdir={one}').returncode, 0)
+
+    logdir = self.create_tempdir().full_path
+    pair = self.workers(logdir, flags, free_ports(2))
+    index = os.path.join(logdir, 'checkpoints', 'ckpt-60.index')
+    deadline = time.time() + 300
+    while not os.path.exists(index) and all(p.poll() is None for p in pair) and (
+        time.time() < deadline):
+      time.sleep(0.05)
+    for process in pair:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+    self.assertFalse(os.path.exists(os.path.join(logdir, 'checkpoints', 'ckpt-200.index')),
+                     'the workers finished before they could be killed')
+
+    pair = self.workers(logdir, flags, free_ports(2))
+    for process in pair:
+      _, stderr = process.communicate(timeout=600)
+      self.assertEqual(process.returncode, 0, stderr[-3000:])
+    self.assertIn('resuming at step', stderr)
+    with open(os.path.join(one, 'final_metrics.json')) as f:
+      expected = json.load(f)
+    with open(os.path.join(logdir, 'final_metrics.json')) as f:
+      got = json.load(f)
+    self.assertEqual(got['step'], 200)
+    for name, value in expected['metrics'].items():
+      if name != 'steps_per_second':
+        self.assertEqual(got['metrics'][name], value, name)
+    expected_weights, weights = checkpointed_weights(one), checkpointed_weights(logdir)
+    for name, value in expected_weights.items():
+      self.assertAllEqual(weights[name], value, msg=name)
+    # Only the chief writes the run directory; the other worker's scratch
+    # checkpoints are gone.
+    self.assertEqual(sorted(n for n in os.listdir(os.path.join(logdir, 'checkpoints'))
+                            if not n.startswith('ckpt-') and n != 'checkpoint'), [])
+    self.assertLen([n for n in os.listdir(logdir) if n.startswith('events.out')], 2)
