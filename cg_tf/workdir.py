@@ -1,8 +1,16 @@
-"""The run directory: creating it, refusing to mix two runs in one, reading it back."""
+"""The run directory: creating it, refusing to mix two runs in one, reading it back.
+
+Every file goes through `files(path)`: TensorFlow's tf.io.gfile for a URL
+(gs://bucket/run, or ram:// in the tests), Python's own functions for a local
+path, so that a bad local --logdir is reported before TensorFlow loads.
+"""
 
 import dataclasses
+import io
 import json
 import os
+import shutil
+import types
 from typing import Dict, Optional
 
 import numpy as np
@@ -21,25 +29,49 @@ FINAL_METRICS_FILE = 'final_metrics.json'
 RESUMABLE_CHANGES = ('steps', 'data_dir', 'eval_batch_size')
 
 
+LOCAL_FILES = types.SimpleNamespace(
+    exists=os.path.exists, isdir=os.path.isdir, listdir=os.listdir, remove=os.remove,
+    makedirs=lambda path: os.makedirs(path, exist_ok=True), GFile=open,
+    rename=lambda source, target, overwrite: os.replace(source, target), rmtree=shutil.rmtree,
+    errors=(OSError,))
+
+
+def files(path: str):
+  """The file functions for `path`: tf.io.gfile's names (exists, makedirs, GFile, rename, ...)."""
+  if '://' not in path:
+    return LOCAL_FILES
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return types.SimpleNamespace(
+      exists=tf.io.gfile.exists, isdir=tf.io.gfile.isdir, listdir=tf.io.gfile.listdir,
+      remove=tf.io.gfile.remove, makedirs=tf.io.gfile.makedirs, GFile=tf.io.gfile.GFile,
+      rename=tf.io.gfile.rename, rmtree=tf.io.gfile.rmtree, errors=(OSError, tf.errors.OpError))
+
+
+def read_bytes(path: str) -> bytes:
+  with files(path).GFile(path, 'rb') as f:
+    return f.read()
+
+
 def prepare(workdir: str, config: Config) -> None:
   """Creates `workdir`, or checks that the run already in it has the same config.
 
   Raises:
     UserInputError: the directory is not writable, or holds a different run.
   """
+  fs = files(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
     probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w') as f:
+    with fs.GFile(probe, 'w') as f:
       f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserInputError(f'--logdir={workdir} is not writable ({e.strerror}); choose '
+    fs.remove(probe)
+  except fs.errors as e:
+    reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or type(e).__name__
+    raise UserInputError(f'--logdir={workdir} is not writable ({reason}); choose '
                          'another --logdir') from None
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  if fs.exists(path):
+    previous = json.loads(read_bytes(path))
     current = dataclasses.asdict(config)
     changed = sorted(k for k in current
                      if k not in RESUMABLE_CHANGES and json.loads(json.dumps(current[k]))
@@ -53,18 +85,23 @@ def prepare(workdir: str, config: Config) -> None:
 
 def write_atomic(path: str, payload: bytes) -> None:
   """Writes via a temporary file and a rename, so a kill never leaves half a file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
+  fs, tmp = files(path), path + '.tmp'
+  with fs.GFile(tmp, 'wb') as f:
     f.write(payload)
-  os.replace(tmp, path)
+  fs.rename(tmp, path, overwrite=True)
 
 
 def _save_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
-  tmp = path + '.tmp.npz'
+  buffer = io.BytesIO()
   # Compressed: per-example records are mostly -1s and small integers, and
   # finished runs' records are kept in git (results/).
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  np.savez_compressed(buffer, **arrays)
+  write_atomic(path, buffer.getvalue())
+
+
+def _read_npz(path: str) -> Dict[str, np.ndarray]:
+  with np.load(io.BytesIO(read_bytes(path))) as record:
+    return {key: record[key] for key in record.files}
 
 
 def save_examples(workdir: str, record: Dict[str, np.ndarray]) -> None:
@@ -80,10 +117,9 @@ def save_decomposition(workdir: str, arrays: Dict[str, np.ndarray]) -> None:
 def read_decomposition(workdir: str) -> Optional[Dict[str, np.ndarray]]:
   """decomposition.npz as a dict, or None if the run has none."""
   path = os.path.join(workdir, DECOMPOSITION_FILE)
-  if not os.path.exists(path):
+  if not files(path).exists(path):
     return None
-  with np.load(path) as record:
-    return {key: record[key] for key in record.files}
+  return _read_npz(path)
 
 
 def save_final_metrics(workdir: str, step: int, metrics: Dict[str, float]) -> None:
@@ -95,34 +131,47 @@ def save_final_metrics(workdir: str, step: int, metrics: Dict[str, float]) -> No
 def is_finished(workdir: str) -> bool:
   """True if the run in `workdir` has reached and recorded the last step of its config."""
   try:
-    with open(os.path.join(workdir, FINAL_METRICS_FILE)) as f:
-      final_step = json.load(f)['step']
+    final_step = json.loads(read_bytes(os.path.join(workdir, FINAL_METRICS_FILE)))['step']
     return final_step == read_config(workdir).steps
-  except (OSError, ValueError, KeyError, TypeError):
+  except files(workdir).errors + (ValueError, KeyError, TypeError):
     return False
 
 
 def read_config(workdir: str) -> Config:
   """The Config a run directory was made with."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return Config.from_json(f.read())
+  return Config.from_json(read_bytes(os.path.join(workdir, CONFIG_FILE)).decode())
 
 
 def read_examples(workdir: str) -> Dict[str, np.ndarray]:
   """examples.npz as a dict of [n_train] arrays."""
-  with np.load(os.path.join(workdir, EXAMPLES_FILE)) as record:
-    return {key: record[key] for key in record.files}
+  return _read_npz(os.path.join(workdir, EXAMPLES_FILE))
 
 
 def read_scalars(workdir: str):
   """Every scalar summary of a run as a pandas DataFrame indexed by step, one column a tag.
 
-  Reads the event files with tbparse. A resumed run rewrites the steps between
-  its last checkpoint and the kill; the last value written wins.
+  Reads the event files with TensorBoard's own reader (EventAccumulator),
+  which goes through tf.io.gfile, so gs:// run directories read too. A resumed
+  run rewrites the steps between its last checkpoint and the kill; the reader
+  keeps the last value written, as TensorBoard shows it.
   """
-  from tbparse import SummaryReader  # pylint: disable=g-import-not-at-top
-  frame = SummaryReader(workdir).tensors
-  if frame.empty:
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  if not files(workdir).isdir(workdir):
+    raise UserInputError(f'{workdir} is not a directory; pass a run directory')
+  accumulator = event_accumulator.EventAccumulator(
+      workdir, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  columns = {}
+  for tag in accumulator.Tags()[event_accumulator.TENSORS]:
+    events = accumulator.Tensors(tag)
+    proto = events[0].tensor_proto if events else None
+    if proto is not None and not proto.tensor_shape.dim and tf.as_dtype(proto.dtype).is_floating:
+      by_step = {event.step: float(tf.make_ndarray(event.tensor_proto)) for event in events}
+      columns[tag] = pd.Series(by_step, dtype=float)
+  if not columns:
     raise UserInputError(f'{workdir} has no scalar summaries; is it a run directory?')
-  frame = frame.drop_duplicates(['tag', 'step'], keep='last')
-  return frame.pivot(index='step', columns='tag', values='value').sort_index()
+  frame = pd.DataFrame(columns).sort_index()
+  frame.index.name = 'step'
+  return frame

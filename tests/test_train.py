@@ -8,7 +8,9 @@ import tensorflow as tf
 
 from cg_tf import data
 from cg_tf import train
+from cg_tf import workdir as workdir_lib
 from cg_tf.config import Config
+from cg_tf.errors import UserInputError
 from tests import reference
 
 
@@ -113,3 +115,20 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     dataset = separable_dataset(num_train=50)
     experiment = train.Experiment(tiny_config(batch_size=0), data.make_noisy(dataset, 0, 0, 0))
     self.assertEqual((experiment.batch_size, experiment.steps_per_epoch), (50, 1))
+
+  def test_a_logdir_on_another_filesystem(self):
+    # TensorFlow's in-memory filesystem stands in for gs://: every file of the
+    # run goes through tf.io.gfile, and the readers read it back.
+    workdir = f'ram://cg_tf/{self.id()}/run'
+    dataset = separable_dataset(num_train=100)
+    config = tiny_config(noise=0.5, steps=20, decomp_every=10)
+    metrics = train.train_and_evaluate(config, workdir, dataset)
+    self.assertTrue(workdir_lib.is_finished(workdir))
+    self.assertEqual(workdir_lib.read_config(workdir), config)
+    self.assertEqual(workdir_lib.read_examples(workdir)['corrupt'].shape, (100,))
+    self.assertIsNotNone(workdir_lib.read_decomposition(workdir))
+    self.assertAlmostEqual(workdir_lib.read_scalars(workdir)['train/accuracy'][20],
+                           metrics['train/accuracy'], places=6)
+    self.assertTrue(tf.train.latest_checkpoint(f'{workdir}/checkpoints'))
+    with self.assertRaisesRegex(UserInputError, 'holds a run with other settings'):
+      workdir_lib.prepare(workdir, tiny_config(noise=0.25, steps=20))
