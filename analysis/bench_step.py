@@ -17,8 +17,9 @@ process and interleaved round by round, the compiled in-graph loop of:
               per-example gradients by einsum, takes np.percentile(...,
               [c, 100 - c], method='nearest') over the batch, clips and sums;
               one Python step at a time, as their session loop runs;
-and prints ms per step and the ratio to the SGD step. The last line is
-`winsorized/sgd ratio (3x256, c=2): X`, X the fast path's ratio.
+and prints ms per step and the ratio to the SGD step; each winsorized method
+gets a row per --c. The last lines are `winsorized/sgd ratio (MODEL, c=C): X`,
+X the fast path's ratio, for each model and c.
 
 With --cpu_replicas=N it also times sgd and fast under MirroredStrategy over N
 logical CPU devices (`sgd_mirrored`, `fast_mirrored`: every replica computes
@@ -48,7 +49,10 @@ from cg_tf import train  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from cg_tf.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; random data if unset.')
-flags.DEFINE_float('c', 2.0, 'Winsorization percentile.')
+flags.DEFINE_list('c', ['2'], 'Winsorization percentiles; each winsorized method gets a row '
+                  'per c, e.g. --c=1,2,4,8.')
+flags.register_validator('c', lambda cs: all(_is_percentile(c) for c in cs),
+                         'must be numbers in (0, 50), e.g. 1,2,4,8')
 flags.DEFINE_multi_string('model', ['256,256,256', '2048'], 'Hidden widths of one model; '
                           'repeat the flag for several.')
 flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
@@ -59,6 +63,14 @@ flags.DEFINE_list('methods', ['sgd', 'per_example', 'reference', 'top_k', 'fast'
 flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
                      'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
+UNWINSORIZED = ('sgd', 'per_example')
+
+
+def _is_percentile(text):
+  try:
+    return 0 < float(text) < 50
+  except ValueError:
+    return False
 
 
 def dataset():
@@ -131,10 +143,18 @@ def top_k_winsorized_sum(values, c):
   return total + low * smallest[..., low] - tf.reduce_sum(smallest[..., :low], -1)
 
 
-def build(method, hidden, noisy, mirrored=None):
-  """The Experiment that `method` times; methods ending in _mirrored run on `mirrored`."""
+def rows(methods, cs):
+  """What is timed: 'sgd', 'per_example', and 'METHOD c=C' for each winsorized method and c."""
+  return [m if m.replace('_mirrored', '') in UNWINSORIZED else f'{m} c={c:g}'
+          for m in methods for c in (cs if m.replace('_mirrored', '') not in UNWINSORIZED
+                                     else [0])]
+
+
+def build(row, hidden, noisy, mirrored=None):
+  """The Experiment that `row` times; methods ending in _mirrored run on `mirrored`."""
+  method, _, c = row.partition(' c=')
   base = method.replace('_mirrored', '')
-  c = 0.0 if base in ('sgd', 'per_example') else FLAGS.c
+  c = float(c) if c else 0.0
   config = Config(hidden=hidden, batch_size=FLAGS.batch_size, winsor_c=c,
                   winsor_impl='reference' if base == 'reference' else 'fast')
   cls = {'per_example': PerExampleSgd, 'top_k': TopKWinsorized,
@@ -156,12 +176,14 @@ def main(argv):
   if FLAGS.cpu_replicas:
     mirrored = distribute.make_strategy('mirrored', cpu_replicas=FLAGS.cpu_replicas)
     methods += [f'{m}_mirrored' for m in ('sgd', 'fast') if m in methods]
+  cs = [float(c) for c in FLAGS.c]
+  methods = rows(methods, cs)
   noisy = dataset()
   device = 'GPU: ' + tf.config.experimental.get_device_details(
       tf.config.list_physical_devices('GPU')[0]).get('device_name', '?') if \
       tf.config.list_physical_devices('GPU') else f'CPU: {os.cpu_count()} cores'
-  print(f'TensorFlow {tf.__version__}, {device}, batch {FLAGS.batch_size}, c={FLAGS.c:g}')
-  ratio_line = None
+  print(f'TensorFlow {tf.__version__}, {device}, batch {FLAGS.batch_size}')
+  ratio_lines = []
   for spec in FLAGS.model:
     hidden = tuple(int(h) for h in spec.split(','))
     name = ('%dx%d' % (len(hidden), hidden[0]) if len(set(hidden)) == 1 else spec)
@@ -177,18 +199,17 @@ def main(argv):
         timings[method].append(time_steps(experiments[method], steps[method]))
     ms = {method: 1000 * statistics.median(t) for method, t in timings.items()}
     print(f'\n{name} ({experiments[methods[0]].num_parameters:,} parameters)')
-    print(f'  {"method":<14} {"ms/step":>10} {"ratio to sgd":>14}')
+    print(f'  {"method":<22} {"ms/step":>10} {"ratio to sgd":>14}')
     for method in methods:
-      print(f'  {method:<14} {ms[method]:>10.2f} {ms[method] / ms["sgd"]:>14.1f}')
+      print(f'  {method:<22} {ms[method]:>10.2f} {ms[method] / ms["sgd"]:>14.1f}')
     if mirrored is not None:
       print(f'  (each of the {FLAGS.cpu_replicas} replicas computes the whole batch and '
             f'winsorizes 1/{FLAGS.cpu_replicas} of the columns; the cross-replica sum moves '
             f'{4 * experiments[methods[0]].num_parameters / 1e6:.2f} MB a step, as for '
             'data-parallel SGD)')
-    if name == '3x256' and 'fast' in ms:
-      ratio_line = f'winsorized/sgd ratio (3x256, c={FLAGS.c:g}): {ms["fast"] / ms["sgd"]:.1f}'
-  if ratio_line:
-    print(ratio_line)
+    ratio_lines += [f'winsorized/sgd ratio ({name}, c={c:g}): '
+                    f'{ms[f"fast c={c:g}"] / ms["sgd"]:.1f}' for c in cs if f'fast c={c:g}' in ms]
+  print('\n'.join(ratio_lines))
 
 
 if __name__ == '__main__':
