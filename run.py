@@ -7,6 +7,7 @@ A rerun with the same --logdir resumes from its last checkpoint. Bad input
 exits with status 2 and one line on stderr.
 """
 
+import contextlib
 import logging
 import os
 import sys
@@ -102,8 +103,10 @@ def main(argv):
   from cg_tf import config as config_lib  # pylint: disable=g-import-not-at-top
   from cg_tf import data  # pylint: disable=g-import-not-at-top
   from cg_tf import workdir  # pylint: disable=g-import-not-at-top
+  from cg_tf.errors import RunInterrupted  # pylint: disable=g-import-not-at-top
   from cg_tf.errors import TrainingDiverged  # pylint: disable=g-import-not-at-top
   from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top
+  from cg_tf.errors import WriteFailed  # pylint: disable=g-import-not-at-top
   try:
     hidden = tuple(int(h) for h in FLAGS.hidden)
   except ValueError:
@@ -121,35 +124,43 @@ def main(argv):
         decomp_sample_examples=FLAGS.decomp_sample_examples,
         decomp_sample_weights=FLAGS.decomp_sample_weights)
 
-    def prepare_logdir():
+    run_dir = contextlib.ExitStack()
+
+    def take_logdir():
+      """Checks and takes the run directory: its settings, then its lock (one writer)."""
       workdir.prepare(FLAGS.logdir, config)
+      run_dir.enter_context(workdir.exclusive(FLAGS.logdir))
       own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
       workdir.write_atomic(os.path.join(FLAGS.logdir, 'flags.txt'),
                            ''.join(f.serialize() + '\n' for f in own_flags).encode())
 
-    # Only the chief of several workers writes the run directory; which task is
-    # the chief is known once the strategy exists.
-    multiworker = FLAGS.strategy == 'multiworker'
-    if not multiworker:
-      prepare_logdir()
-    # IDX files are read without TensorFlow, so bad data fails before it loads.
-    # tfds runs TensorFlow, so it waits for the strategy: logical CPU devices
-    # can only be set up before TensorFlow runs anything.
-    by_tfds = data.uses_tfds(config.dataset, config.data_dir)
-    dataset = None if by_tfds else data.load(config.dataset, config.data_dir)
-    from cg_tf import distribute  # pylint: disable=g-import-not-at-top
-    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas, FLAGS.tpu)
-    if multiworker and distribute.is_chief(strategy):
-      prepare_logdir()
-    if by_tfds:
-      dataset = data.load(config.dataset, config.data_dir)
-    from cg_tf import train  # pylint: disable=g-import-not-at-top
-    train.train_and_evaluate(config, FLAGS.logdir, dataset, strategy)
+    with run_dir:
+      # Only the chief of several workers takes the run directory; which task
+      # is the chief is known once the strategy exists.
+      multiworker = FLAGS.strategy == 'multiworker'
+      if not multiworker:
+        take_logdir()
+      # IDX files are read without TensorFlow, so bad data fails before it
+      # loads. tfds runs TensorFlow, so it waits for the strategy: logical CPU
+      # devices can only be set up before TensorFlow runs anything.
+      by_tfds = data.uses_tfds(config.dataset, config.data_dir)
+      dataset = None if by_tfds else data.load(config.dataset, config.data_dir)
+      from cg_tf import distribute  # pylint: disable=g-import-not-at-top
+      strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas, FLAGS.tpu)
+      if multiworker and distribute.is_chief(strategy):
+        take_logdir()
+      if by_tfds:
+        dataset = data.load(config.dataset, config.data_dir)
+      from cg_tf import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(config, FLAGS.logdir, dataset, strategy)
   except UserInputError as e:
     fail(str(e))
-  except TrainingDiverged as e:
+  except (TrainingDiverged, WriteFailed) as e:
     print(f'run.py: error: {e}', file=sys.stderr)
     sys.exit(1)
+  except RunInterrupted as e:
+    print(f'run.py: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == '__main__':

@@ -25,8 +25,10 @@ import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories: one per noise level and seed.')
 flags.DEFINE_string('out', 'figure1.png', 'Output PNG; a PDF is written beside it.')
@@ -118,12 +120,16 @@ def summary_table(runs):
 def main(argv):
   del argv
   if not FLAGS.runs:
-    raise app.UsageError('--runs is required')
-  runs = load_runs(FLAGS.runs)
+    cli.fail('--runs is required: run directories or glob patterns')
+  try:
+    run_dirs = workdir.finished_runs(FLAGS.runs)
+  except UserInputError as e:
+    cli.fail(str(e))
+  runs = load_runs(run_dirs)
   draw(runs, FLAGS.out)
   print(summary_table(runs))
   print(f'wrote {FLAGS.out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

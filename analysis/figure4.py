@@ -9,7 +9,6 @@ accuracy (dotted). Runs of one cell with different seeds are drawn as their
 mean and min-max band. Prints a markdown table of the final values (seed mean).
 """
 
-import glob
 import os
 import sys
 
@@ -23,23 +22,22 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
 flags.DEFINE_string('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
 FLAGS = flags.FLAGS
 
 
-def load_grid(patterns):
-  """{(c, noise): [scalars DataFrame per seed]} of every run directory matched."""
+def load_grid(run_dirs):
+  """{(c, noise): [scalars DataFrame per seed]} of the run directories."""
   grid = {}
-  for pattern in patterns:
-    for run_dir in sorted(glob.glob(pattern)):
-      if os.path.exists(os.path.join(run_dir, workdir.CONFIG_FILE)):
-        config = workdir.read_config(run_dir)
-        grid.setdefault((config.winsor_c, config.noise), []).append(
-            workdir.read_scalars(run_dir))
+  for run_dir in run_dirs:
+    config = workdir.read_config(run_dir)
+    grid.setdefault((config.winsor_c, config.noise), []).append(workdir.read_scalars(run_dir))
   return grid
 
 
@@ -88,14 +86,16 @@ def summary_table(grid):
 def main(argv):
   del argv
   if not FLAGS.runs:
-    raise app.UsageError('--runs is required')
-  grid = load_grid(FLAGS.runs)
-  if not grid:
-    raise app.UsageError(f'no run directories match {FLAGS.runs}')
+    cli.fail('--runs is required: run directories or glob patterns')
+  try:
+    run_dirs = workdir.finished_runs(FLAGS.runs)
+  except UserInputError as e:
+    cli.fail(str(e))
+  grid = load_grid(run_dirs)
   draw(grid, FLAGS.out)
   print(summary_table(grid))
   print(f'wrote {FLAGS.out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -26,9 +26,11 @@ import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import decomposition  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
 flags.DEFINE_string('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.')
@@ -42,7 +44,7 @@ def load(run_dirs):
   for run_dir in run_dirs:
     record = workdir.read_decomposition(run_dir)
     if record is None:
-      raise app.UsageError(f'{run_dir} has no decomposition.npz; run it with --decomp_every')
+      cli.fail(f'--runs: {run_dir} has no decomposition.npz; run it with --decomp_every')
     by_noise.setdefault(workdir.read_config(run_dir).noise, []).append(record)
   return [(noise, by_noise[noise]) for noise in sorted(by_noise)]
 
@@ -137,8 +139,12 @@ def summary_table(runs):
 def main(argv):
   del argv
   if not FLAGS.runs:
-    raise app.UsageError('--runs is required')
-  runs = load(FLAGS.runs)
+    cli.fail('--runs is required: run directories or glob patterns')
+  try:
+    run_dirs = workdir.finished_runs(FLAGS.runs)
+  except UserInputError as e:
+    cli.fail(str(e))
+  runs = load(run_dirs)
   figure2(runs, os.path.join(FLAGS.out_dir, 'figure2.png'))
   figure3(runs, os.path.join(FLAGS.out_dir, 'figure3.png'), FLAGS.first_steps)
   print(summary_table(runs))
@@ -146,4 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -30,6 +30,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_enum('scale', 'mini', ['mini', 'full'], 'mini: 2 CPU cores; full: the paper.')
@@ -283,35 +284,22 @@ def write_report(out, seeds, experiments, scale, ran, total, minutes):
   return text
 
 
-def fail(message):
-  print(f'reproduce.py: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl's parser, but a bad flag is one line and exit status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e))
-
-
 def main(argv):
   del argv
   start = time.time()
   if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
-    fail(f'--data_dir={FLAGS.data_dir} is not a directory; point it at the MNIST IDX files')
+    cli.fail(f'--data_dir={FLAGS.data_dir} is not a directory; point it at the MNIST IDX files')
   try:
     os.makedirs(FLAGS.out, exist_ok=True)
   except OSError as e:
-    fail(f'--out={FLAGS.out} cannot be created ({e.strerror}); choose another --out')
+    cli.fail(f'--out={FLAGS.out} cannot be created ({e.strerror}); choose another --out')
   if FLAGS.devices and FLAGS.parallel not in (1, len(FLAGS.devices)):
-    fail(f'--parallel={FLAGS.parallel} but --devices lists {len(FLAGS.devices)}: each run '
+    cli.fail(f'--parallel={FLAGS.parallel} but --devices lists {len(FLAGS.devices)}: each run '
          'gets its own device, so leave --parallel out')
   specs = run_specs(FLAGS.scale, FLAGS.seeds, FLAGS.experiments)
   chosen = selected(specs, FLAGS.only)
   if not chosen:
-    fail(f'--only={",".join(FLAGS.only)} matches none of the {len(specs)} runs; run names '
+    cli.fail(f'--only={",".join(FLAGS.only)} matches none of the {len(specs)} runs; run names '
          'look like label_noise/noise0.5 or winsorized/n0.5_c4')
   if FLAGS.shard:
     k, n = map(int, FLAGS.shard.split('/'))
@@ -336,4 +324,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

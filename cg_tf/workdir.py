@@ -5,13 +5,17 @@ Every file goes through `files(path)`: TensorFlow's tf.io.gfile for a URL
 path, so that a bad local --logdir is reported before TensorFlow loads.
 """
 
+import contextlib
 import dataclasses
+import glob
 import io
 import json
+import logging
 import os
 import shutil
+import socket
 import types
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 
@@ -24,6 +28,10 @@ DECOMPOSITION_FILE = 'decomposition.npz'
 # Written once the last step is evaluated and checkpointed: its presence with
 # that step is what "the run is finished" means to reproduce.py.
 FINAL_METRICS_FILE = 'final_metrics.json'
+# Held by the one process that writes the run: {"host": ..., "pid": ...}.
+LOCK_FILE = 'lock.json'
+
+log = logging.getLogger('cg_tf')
 # Fields that may differ when a run is resumed: they do not change its numbers
 # (steps only extends or shortens it).
 RESUMABLE_CHANGES = ('steps', 'data_dir', 'eval_batch_size')
@@ -83,6 +91,69 @@ def prepare(workdir: str, config: Config) -> None:
   write_atomic(path, config.to_json().encode())
 
 
+def _lock_holder(path: str) -> Optional[Dict[str, object]]:
+  try:
+    return json.loads(read_bytes(path))
+  except files(path).errors + (ValueError,):
+    return None
+
+
+def _is_running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str) -> Iterator[None]:
+  """Holds the run directory's lock for the duration: one writer per run.
+
+  A lock left by a process that is no longer running on this host is taken
+  over, with a log line. On a local disk the lock is created atomically
+  (O_EXCL); on a URL it is written, then read back.
+
+  Raises:
+    UserInputError: another live process holds the lock.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {'host': socket.gethostname(), 'pid': os.getpid()}
+  for _ in range(2):
+    holder = _lock_holder(path)
+    if holder is not None:
+      if holder.get('host') != me['host'] or _is_running(int(holder.get('pid', -1))):
+        raise UserInputError(
+            f'--logdir={workdir} is in use by pid {holder.get("pid")} on '
+            f'{holder.get("host")} (see {path}); wait for that run to end, or use another '
+            '--logdir')
+      log.info('taking over %s from pid %s, which is no longer running', path,
+               holder.get('pid'))
+      files(path).remove(path)
+    payload = json.dumps(me).encode()
+    if '://' in path:
+      write_atomic(path, payload)
+    else:
+      try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        continue  # another launch got there first: look at who holds it
+      with os.fdopen(descriptor, 'wb') as f:
+        f.write(payload)
+    if _lock_holder(path) == me:
+      break
+  else:
+    raise UserInputError(f'--logdir={workdir}: another launch is taking {path}; use one '
+                         '--logdir per run')
+  try:
+    yield
+  finally:
+    if _lock_holder(path) == me:
+      files(path).remove(path)
+
+
 def write_atomic(path: str, payload: bytes) -> None:
   """Writes via a temporary file and a rename, so a kill never leaves half a file."""
   fs, tmp = files(path), path + '.tmp'
@@ -135,6 +206,33 @@ def is_finished(workdir: str) -> bool:
     return final_step == read_config(workdir).steps
   except files(workdir).errors + (ValueError, KeyError, TypeError):
     return False
+
+
+def finished_runs(patterns) -> list:
+  """The finished run directories that `patterns` (paths or glob patterns) name, in order.
+
+  Raises:
+    UserInputError: a pattern matches nothing, a match is not a run
+      directory, or a run has not reached its last step.
+  """
+  run_dirs = []
+  for pattern in patterns:
+    if '://' in pattern:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      matches = sorted(tf.io.gfile.glob(pattern))
+    else:
+      matches = sorted(glob.glob(pattern))
+    if not matches:
+      raise UserInputError(f'--runs: {pattern} matches no directory')
+    for run_dir in matches:
+      if not files(run_dir).exists(os.path.join(run_dir, CONFIG_FILE)):
+        raise UserInputError(f'--runs: {run_dir} is not a run directory (no {CONFIG_FILE})')
+      if not is_finished(run_dir):
+        raise UserInputError(f'--runs: {run_dir} has not finished (no {FINAL_METRICS_FILE} '
+                             'for its last step); rerun its command to finish it, or leave '
+                             'it out')
+      run_dirs.append(run_dir)
+  return run_dirs
 
 
 def read_config(workdir: str) -> Config:

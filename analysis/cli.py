@@ -1,0 +1,20 @@
+"""What the analysis scripts share on the command line: one-line errors, exit status 2."""
+
+import os
+import sys
+
+from absl import flags
+
+
+def fail(message: str) -> None:
+  """Prints `<script>: error: message` on stderr and exits with status 2."""
+  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser for app.run, but a bad flag is one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))

@@ -1,0 +1,159 @@
+"""What cloud machines do to runs: kills, preemption, a second launch, a failed write."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from cg_tf import train
+from cg_tf import workdir as workdir_lib
+from cg_tf.errors import WriteFailed
+from tests import test_data
+from tests import test_train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = ['--hidden=32', '--batch_size=50', '--eval_every=100', '--checkpoint_every=50',
+         '--eval_batch_size=500', '--noise=0.5', '--steps=3000']
+# Metrics that measure the machine, not the run.
+TIMING = ('steps_per_second',)
+
+
+def launch(data_dir, logdir):
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, 'run.py'), *FLAGS,
+                           f'--data_dir={data_dir}', f'--logdir={logdir}'], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def latest_step(logdir):
+  path = tf.train.latest_checkpoint(os.path.join(logdir, 'checkpoints'))
+  return -1 if path is None else int(path.rsplit('-', 1)[1])
+
+
+def final_state(logdir):
+  """(final metrics without timings, examples.npz, checkpointed weights) of a finished run."""
+  with open(os.path.join(logdir, workdir_lib.FINAL_METRICS_FILE)) as f:
+    final = json.load(f)
+  metrics = {k: v for k, v in final['metrics'].items() if k not in TIMING}
+  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(logdir,
+                                                                            'checkpoints')))
+  weights = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+             if name.startswith('optimizer/_trainable_variables/')}
+  return final['step'], metrics, workdir_lib.read_examples(logdir), weights
+
+
+class FaultTest(parameterized.TestCase, tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data_dir = test_data.write_fake_mnist(
+        os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_f{os.getpid()}'),
+        num_train=500, num_test=100)
+
+  def assert_same_final_state(self, expected_dir, got_dir):
+    expected, got = final_state(expected_dir), final_state(got_dir)
+    self.assertEqual(got[0], expected[0])
+    self.assertEqual(got[1], expected[1])
+    for key, value in expected[2].items():
+      self.assertAllEqual(got[2][key], value, msg=key)
+    for name, value in expected[3].items():
+      self.assertAllEqual(got[3][name], value, msg=name)
+
+  def test_survives_ten_kills_and_three_preemptions(self):
+    whole = self.create_tempdir().full_path
+    self.assertEqual(launch(self.data_dir, whole).wait(timeout=600), 0)
+
+    logdir = self.create_tempdir().full_path
+    rng = np.random.default_rng(0)
+    kills = terms = 0
+    while kills < 10 or terms < 3:
+      before = latest_step(logdir)
+      process = launch(self.data_dir, logdir)
+      deadline = time.time() + 300
+      # Wait for progress past the last checkpoint, then strike at a random
+      # moment: mid-step, mid-evaluation or mid-write.
+      while latest_step(logdir) <= before and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+      time.sleep(rng.uniform(0.0, 0.15))
+      self.assertIsNone(process.poll(), 'the run finished before it could be stopped: '
+                        f'{kills} kills, {terms} SIGTERMs; give it more --steps')
+      if kills < 10:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+      else:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 128 + signal.SIGTERM, stderr[-2000:])
+        last = stderr.strip().splitlines()[-1]
+        self.assertRegex(last, r'^run\.py: stopped by SIGTERM at step \d+; saved .*ckpt-\d+\. '
+                         r'Rerun the same command to resume$')
+        self.assertNotIn('Traceback', stderr)
+        terms += 1
+    finish = launch(self.data_dir, logdir)
+    _, stderr = finish.communicate(timeout=600)
+    self.assertEqual(finish.returncode, 0, stderr[-3000:])
+    self.assertIn('resuming at step', stderr)
+    self.assert_same_final_state(whole, logdir)
+
+  def test_a_second_launch_is_refused_and_a_dead_holder_is_taken_over(self):
+    logdir = self.create_tempdir().full_path
+    first = launch(self.data_dir, logdir)
+    lock = os.path.join(logdir, workdir_lib.LOCK_FILE)
+    deadline = time.time() + 120
+    while latest_step(logdir) < 0 and first.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    events = sorted(n for n in os.listdir(logdir) if n.startswith('events.out'))
+    second = launch(self.data_dir, logdir)
+    _, stderr = second.communicate(timeout=120)
+    self.assertEqual(second.returncode, 2, stderr)
+    self.assertEqual(stderr.strip().splitlines(),
+                     [f'run.py: error: --logdir={logdir} is in use by pid {first.pid} on '
+                      f'{os.uname().nodename} (see {lock}); wait for that run to end, or use '
+                      'another --logdir'])
+    self.assertEqual(sorted(n for n in os.listdir(logdir) if n.startswith('events.out')),
+                     events, 'the refused launch wrote an event file')
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    self.assertTrue(os.path.exists(lock))
+    third = launch(self.data_dir, logdir)
+    _, stderr = third.communicate(timeout=600)
+    self.assertEqual(third.returncode, 0, stderr[-3000:])
+    self.assertIn(f'taking over {lock} from pid {first.pid}, which is no longer running', stderr)
+    self.assertFalse(os.path.exists(lock))
+
+  def test_a_failed_write_is_one_error_and_the_rerun_resumes(self):
+    dataset = test_train.separable_dataset(num_train=100)
+    config = test_train.tiny_config(noise=0.5, steps=40)
+    whole = self.create_tempdir().full_path
+    train.train_and_evaluate(config, whole, dataset)
+
+    logdir = self.create_tempdir().full_path
+    save_examples = workdir_lib.save_examples
+
+    def disk_full_at_step_30(workdir, record):
+      # Evaluations at 20, 30, ...: the first write after ckpt-20 is step 30's.
+      if os.path.exists(os.path.join(workdir, 'checkpoints', 'ckpt-20.index')):
+        with open(os.path.join(workdir, 'examples.npz.tmp'), 'wb') as f:
+          f.write(b'half a file')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      save_examples(workdir, record)
+
+    with mock.patch.object(workdir_lib, 'save_examples', disk_full_at_step_30):
+      with self.assertRaises(WriteFailed) as caught:
+        train.train_and_evaluate(config, logdir, dataset)
+    self.assertRegex(str(caught.exception),
+                     r'^could not write .*examples\.npz at step 30 \(No space left on device\)\. '
+                     r'The last good checkpoint is .*ckpt-20; free space or restore access, '
+                     r'then rerun the same command to resume from it$')
+    self.assertFalse(os.path.exists(os.path.join(logdir, 'examples.npz.tmp')))
+    train.train_and_evaluate(config, logdir, dataset)
+    self.assert_same_final_state(whole, logdir)
