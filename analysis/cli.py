@@ -1,5 +1,6 @@
 """What the analysis scripts share on the command line: one-line errors, exit status 2."""
 
+import logging
 import os
 import sys
 
@@ -13,8 +14,15 @@ def fail(message: str) -> None:
 
 
 def parse_flags(argv):
-  """absl's parser for app.run, but a bad flag is one line and exit status 2."""
+  """absl's parser for app.run, but a bad flag is one line and exit status 2.
+
+  Also keeps TensorBoard's and TensorFlow's INFO lines (one per event file
+  read) out of the scripts' output, which is their tables.
+  """
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e))
+  for name in ('absl', 'tensorboard', 'tensorflow'):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  return parsed

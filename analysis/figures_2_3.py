@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cg_tf import decomposition  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -36,6 +35,13 @@ flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
 flags.DEFINE_string('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.')
 flags.DEFINE_integer('first_steps', 10, 'Steps shown in Figure 3.')
 FLAGS = flags.FLAGS
+
+
+def _decomposition():
+  """cg_tf.decomposition, imported on first use: it loads TensorFlow, which a bad --runs
+  should not wait for."""
+  from cg_tf import decomposition  # pylint: disable=g-import-not-at-top
+  return decomposition
 
 
 def load(run_dirs):
@@ -82,7 +88,7 @@ def figure2(runs, out):
       for group, color, name in ((0, 'tab:blue', 'f^p'), (1, 'tab:red', 'f^c')):
         for key, style in (('inner', {}), ('sampled_inner', {'linestyle': ':', 'alpha': 0.7})):
           plotting.plot_mean_band(
-              ax, per_seed(records, lambda r, k=key: decomposition.fractions(r[k])[:, world, group]),
+              ax, per_seed(records, lambda r, k=key: _decomposition().fractions(r[k])[:, world, group]),
               color=color, label=f'${name}$' + (' sampled' if style else ''), **style)
       ax.set_xscale('symlog', linthresh=1)
       ax.grid(alpha=0.3)
@@ -93,7 +99,7 @@ def first_steps_cumulative(record, first_steps):
   """A record cut to its leading dense steps, up to first_steps, with i^p and i^c added."""
   shown = min(leading_consecutive(record['step']), first_steps + 1)
   return {'step': record['step'][:shown],
-          'cumulative': decomposition.cumulative_means(record['inner'][:shown], record['corrupt'])}
+          'cumulative': _decomposition().cumulative_means(record['inner'][:shown], record['corrupt'])}
 
 
 def figure3(runs, out, first_steps):
@@ -125,7 +131,7 @@ def summary_table(runs):
           '|---|---|---|---|---|---|---|']
   for noise, records in runs:
     steps = records[0]['step']
-    exact, sampled = (np.mean([decomposition.fractions(r[k]) for r in records], axis=0)
+    exact, sampled = (np.mean([_decomposition().fractions(r[k]) for r in records], axis=0)
                       for k in ('inner', 'sampled_inner'))
     seconds = np.mean([r['seconds'].mean() for r in records])
     for world in range(exact.shape[1]):

@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 from absl.testing import absltest
+from absl.testing import parameterized
 import numpy as np
 
 from cg_tf import train
+from cg_tf import workdir
 from tests import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,3 +84,31 @@ class AnalysisTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class BadRunsTest(parameterized.TestCase):
+
+  @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py'],
+                         case=['missing', 'empty_glob', 'not_a_run', 'unfinished', 'none'])
+  def test_bad_runs_are_one_line_and_exit_2(self, script, case):
+    root = self.create_tempdir()
+    unfinished = root.mkdir('unfinished')
+    workdir.prepare(unfinished.full_path, test_train.tiny_config(steps=40))
+    workdir.save_final_metrics(unfinished.full_path, 20, {'train/accuracy': 0.5})
+    runs, message = {
+        'missing': ([f'--runs={root.full_path}/nope'], 'matches no directory'),
+        'empty_glob': ([f'--runs={root.full_path}/x*'], 'matches no directory'),
+        'not_a_run': ([f'--runs={root.mkdir("other").full_path}'], 'is not a run directory'),
+        'unfinished': ([f'--runs={unfinished.full_path}'], 'has not finished'),
+        'none': ([], '--runs is required'),
+    }[case]
+    out = (f'--out_dir={root.full_path}' if script == 'figures_2_3.py' else
+           f'--out={root.full_path}/f.png')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script), *runs, out],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertEqual(result.stdout, '')
+    lines = result.stderr.strip().splitlines()
+    self.assertLen(lines, 1, result.stderr)
+    self.assertStartsWith(lines[0], f'{script}: error: ')
+    self.assertIn(message, lines[0])
