@@ -6,6 +6,9 @@ import sys
 
 from absl import flags
 
+from cg_tf import workdir
+from cg_tf.errors import UserInputError
+
 
 def fail(message: str) -> None:
   """Prints `<script>: error: message` on stderr and exits with status 2."""
@@ -26,3 +29,13 @@ def parse_flags(argv):
   for name in ('absl', 'tensorboard', 'tensorflow'):
     logging.getLogger(name).setLevel(logging.WARNING)
   return parsed
+
+
+def finished_runs(patterns):
+  """The finished run directories that --runs names; a bad --runs is one line, exit 2."""
+  if not patterns:
+    fail('--runs is required: run directories or glob patterns')
+  try:
+    return workdir.finished_runs(patterns)
+  except UserInputError as e:
+    fail(str(e))

@@ -28,7 +28,6 @@ from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-
 from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories: one per noise level and seed.')
 flags.DEFINE_string('out', 'figure1.png', 'Output PNG; a PDF is written beside it.')
@@ -119,12 +118,7 @@ def summary_table(runs):
 
 def main(argv):
   del argv
-  if not FLAGS.runs:
-    cli.fail('--runs is required: run directories or glob patterns')
-  try:
-    run_dirs = workdir.finished_runs(FLAGS.runs)
-  except UserInputError as e:
-    cli.fail(str(e))
+  run_dirs = cli.finished_runs(FLAGS.runs)
   runs = load_runs(run_dirs)
   draw(runs, FLAGS.out)
   print(summary_table(runs))

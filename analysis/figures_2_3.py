@@ -29,7 +29,6 @@ from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-
 from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
 flags.DEFINE_string('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.')
@@ -144,12 +143,7 @@ def summary_table(runs):
 
 def main(argv):
   del argv
-  if not FLAGS.runs:
-    cli.fail('--runs is required: run directories or glob patterns')
-  try:
-    run_dirs = workdir.finished_runs(FLAGS.runs)
-  except UserInputError as e:
-    cli.fail(str(e))
+  run_dirs = cli.finished_runs(FLAGS.runs)
   runs = load(run_dirs)
   figure2(runs, os.path.join(FLAGS.out_dir, 'figure2.png'))
   figure3(runs, os.path.join(FLAGS.out_dir, 'figure3.png'), FLAGS.first_steps)
