@@ -397,7 +397,8 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
             lambda: workdir_lib.save_examples(workdir, experiment.examples_record()))
     if step in checkpoint_steps:
       save_checkpoint(step)
-    eta = ('' if not steps_per_second else
+    # The first steps' speed includes compiling the loop: no ETA from them.
+    eta = ('' if not steps_per_second or step < 100 else
            f', ETA {(config.steps - step) / steps_per_second / 60:.1f} min')
     log.info('step %d/%d: train %.4f (pristine %s, corrupt %s), test %.4f, loss %.4f%s%s',
              step, config.steps, metrics['train/accuracy'],
