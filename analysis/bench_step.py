@@ -107,6 +107,27 @@ class TopKWinsorized(train.Experiment):
     return [by_variable[id(v)] for v in self.model.trainable_variables], tf.reduce_mean(losses)
 
 
+def authors_winsorized_sums(a, delta, c):
+  """The authors' released rule for one Dense layer, in NumPy on the host.
+
+  Args:
+    a: [batch, fan_in] the layer's inputs.
+    delta: [batch, fan_out] the errors of the batch-mean loss.
+    c: percentile.
+
+  Returns:
+    [kernel [fan_in, fan_out], bias [fan_out]]: per-example gradients formed by
+    einsum (batch last, as their code does), clipped to np.percentile(...,
+    [c, 100 - c], method='nearest') over the batch, and summed.
+  """
+  sums = []
+  for per_example in (np.einsum('mo,mi->iom', delta, a), np.einsum('mo->om', delta)):
+    low, high = np.percentile(per_example, [c, 100 - c], axis=-1, method='nearest',
+                              keepdims=True)
+    sums.append(np.clip(per_example, low, high).sum(axis=-1))
+  return sums
+
+
 class AuthorsRule(train.Experiment):
   """Winsorized SGD as the authors' released code computes it: NumPy on the host."""
 
@@ -123,11 +144,7 @@ class AuthorsRule(train.Experiment):
       indices = rng.choice(self.noisy.num_train, self.batch_size, replace=False)
       updates = []
       for a, delta in self._factors(indices):
-        a, delta = a.numpy(), delta.numpy()
-        for per_example in (np.einsum('mo,mi->iom', delta, a), np.einsum('mo->om', delta)):
-          low, high = np.percentile(per_example, [c, 100 - c], axis=-1, method='nearest',
-                                    keepdims=True)
-          updates.append(np.clip(per_example, low, high).sum(axis=-1))
+        updates += authors_winsorized_sums(a.numpy(), delta.numpy(), c)
       self.optimizer.apply_gradients(zip(updates, self.model.trainable_variables))
 
 

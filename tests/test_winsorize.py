@@ -1,5 +1,9 @@
 """Winsorized sums against np.percentile(method='nearest') in float64."""
 
+import os
+import subprocess
+import sys
+
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
@@ -7,6 +11,8 @@ import tensorflow_probability as tfp
 
 from cg_tf import winsorize
 from tests import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fresh_values(kind, batch, shape, seed):
@@ -70,3 +76,31 @@ class WinsorizeTest(parameterized.TestCase, tf.test.TestCase):
     ranks = tf.range(batch, dtype=tf.float32)
     low, high = tfp.stats.percentile(ranks, [c, 100 - c], interpolation='nearest').numpy()
     self.assertEqual(winsorize.nearest_ranks(c, batch), (int(low), int(high)))
+
+
+class AuthorsRuleTest(tf.test.TestCase):
+
+  def test_the_benchmarked_authors_rule_computes_the_fast_path(self):
+    # analysis/bench_step.py defines absl flags that other analysis scripts
+    # define too, so it is imported in a process of its own.
+    script = '''
+import sys
+import numpy as np
+from analysis import bench_step
+from cg_tf import winsorize
+rng = np.random.default_rng(3)
+worst = 0.0
+for c in (1, 2, 4, 8):
+  a = rng.normal(size=(100, 12)) * (rng.random((100, 12)) < 0.3)   # exact zeros, as blank pixels
+  delta = np.round(rng.normal(size=(100, 5)), 1) / 100             # ties
+  kernel, bias = bench_step.authors_winsorized_sums(a, delta, c)
+  fast_kernel = winsorize.winsorized_outer_sum_and_count(
+      a.astype(np.float32), delta.astype(np.float32), float(c))[0].numpy()
+  fast_bias = winsorize.winsorized_sum_and_count(delta.astype(np.float32), float(c))[0].numpy()
+  worst = max(worst, np.abs(kernel - fast_kernel).max(), np.abs(bias - fast_bias).max())
+print(worst)
+'''
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertLess(float(result.stdout.strip().splitlines()[-1]), 1e-6)
