@@ -20,17 +20,14 @@ both in the replica function, never inside the XLA-compiled winsorization.
 """
 
 import json
-import logging
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import tensorflow as tf
 
 from cg_tf.errors import UserInputError
 
 STRATEGIES = ('default', 'mirrored', 'tpu', 'multiworker')
-
-log = logging.getLogger('cg_tf')
 
 
 def make_strategy(name: str, cpu_replicas: int = 0, tpu: str = '') -> tf.distribute.Strategy:
