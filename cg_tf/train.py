@@ -282,8 +282,8 @@ def train_and_evaluate(config: Config, workdir: str,
     workdir: run directory.
     dataset: clean dataset to use instead of loading config.dataset (tests).
     strategy: a tf.distribute strategy; the default strategy if None. The
-      numbers do not depend on it beyond float32 summation order, and a run
-      checkpointed under one strategy resumes under another.
+      numbers do not depend on it (bit for bit on identical devices), and a
+      run checkpointed under one strategy resumes under another.
 
   Returns:
     The metrics of the last evaluation.
@@ -345,9 +345,11 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
       tf.io.gfile.rmtree(manager.directory)
 
   recorder = None
+  # Every worker stops at the same steps, so their compiled calls line up;
+  # only the chief measures the decomposition, which only writes.
   decomp_steps = set(schedule.decomposition_steps(config.steps, config.decomp_every,
-                                                  config.decomp_dense_steps)) if chief else set()
-  if decomp_steps:
+                                                  config.decomp_dense_steps))
+  if decomp_steps and chief:
     recorder = decomposition.Recorder(
         experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
         config.null_worlds, config.noise_seed, config.eval_batch_size,
@@ -365,6 +367,8 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
            experiment.batch_size, distribute.describe(strategy))
 
   def decompose():
+    if recorder is None:
+      return
     step = experiment.step
     with writer.as_default(step=step):
       for name, value in recorder.measure(step).items():
