@@ -41,6 +41,13 @@ def write_fake_mnist(directory, num_train=200, num_test=50, seed=0, gz=True):
   return directory
 
 
+def fake_mnist_dir(name, num_train, num_test=100):
+  """write_fake_mnist into a directory of this test process's own, named `name`."""
+  return write_fake_mnist(
+      os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_{name}_{os.getpid()}'),
+      num_train=num_train, num_test=num_test)
+
+
 class CorruptLabelsTest(parameterized.TestCase):
 
   @parameterized.product(noise=[0.0, 0.25, 0.5, 0.75, 1.0], seed=[0, 7])

@@ -101,9 +101,7 @@ class LaunchTest(parameterized.TestCase, tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = test_data.write_fake_mnist(
-        os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_d{os.getpid()}'),
-        num_train=400, num_test=100)
+    cls.data_dir = test_data.fake_mnist_dir('distribute', num_train=400)
 
   @parameterized.named_parameters(
       ('no_tpu', ['--strategy=tpu'], {}, '--strategy=tpu could not reach the TPU'),

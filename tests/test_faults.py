@@ -54,9 +54,7 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = test_data.write_fake_mnist(
-        os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_f{os.getpid()}'),
-        num_train=500, num_test=100)
+    cls.data_dir = test_data.fake_mnist_dir('faults', num_train=500)
 
   def assert_same_final_state(self, expected_dir, got_dir):
     expected, got = final_state(expected_dir), final_state(got_dir)

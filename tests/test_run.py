@@ -38,9 +38,7 @@ class RunTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = test_data.write_fake_mnist(
-        os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_{os.getpid()}'),
-        num_train=500, num_test=100)
+    cls.data_dir = test_data.fake_mnist_dir('run', num_train=500)
 
   def test_writes_events_examples_and_checkpoints(self):
     logdir = self.create_tempdir().full_path
