@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import socket
 import types
 from typing import Dict, Iterator, Optional
@@ -38,9 +37,9 @@ RESUMABLE_CHANGES = ('steps', 'data_dir', 'eval_batch_size')
 
 
 LOCAL_FILES = types.SimpleNamespace(
-    exists=os.path.exists, isdir=os.path.isdir, listdir=os.listdir, remove=os.remove,
+    exists=os.path.exists, isdir=os.path.isdir, glob=glob.glob, remove=os.remove,
     makedirs=lambda path: os.makedirs(path, exist_ok=True), GFile=open,
-    rename=lambda source, target, overwrite: os.replace(source, target), rmtree=shutil.rmtree,
+    rename=lambda source, target, overwrite: os.replace(source, target),
     errors=(OSError,))
 
 
@@ -50,9 +49,9 @@ def files(path: str):
     return LOCAL_FILES
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return types.SimpleNamespace(
-      exists=tf.io.gfile.exists, isdir=tf.io.gfile.isdir, listdir=tf.io.gfile.listdir,
+      exists=tf.io.gfile.exists, isdir=tf.io.gfile.isdir, glob=tf.io.gfile.glob,
       remove=tf.io.gfile.remove, makedirs=tf.io.gfile.makedirs, GFile=tf.io.gfile.GFile,
-      rename=tf.io.gfile.rename, rmtree=tf.io.gfile.rmtree, errors=(OSError, tf.errors.OpError))
+      rename=tf.io.gfile.rename, errors=(OSError, tf.errors.OpError))
 
 
 def read_bytes(path: str) -> bytes:
@@ -217,11 +216,7 @@ def finished_runs(patterns) -> list:
   """
   run_dirs = []
   for pattern in patterns:
-    if '://' in pattern:
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      matches = sorted(tf.io.gfile.glob(pattern))
-    else:
-      matches = sorted(glob.glob(pattern))
+    matches = sorted(files(pattern).glob(pattern))
     if not matches:
       raise UserInputError(f'--runs: {pattern} matches no directory')
     for run_dir in matches:
