@@ -48,6 +48,13 @@ flags.DEFINE_integer('decomp_dense_steps', 10, '...and at every step up to this 
 flags.DEFINE_integer('null_worlds', 3, 'Null worlds (permuted designations) for §2.4.')
 flags.DEFINE_integer('decomp_sample_examples', 400, 'Examples in the sampled estimator.')
 flags.DEFINE_integer('decomp_sample_weights', 300, 'Weights per layer in the sampled estimator.')
+flags.DEFINE_integer('coherence_every', 0, 'Measure m-coherence, per-example coherence and '
+                     'GSNR over the whole training set every this many steps, and at the '
+                     "decomposition's dense and log-spaced steps (0: off).")
+flags.DEFINE_integer('stiffness_examples', 0, '...and the 10x10 class stiffness matrix on a '
+                     'fixed sample of this many training examples (0: off).')
+flags.DEFINE_bool('forgetting', False, "Count each example's forgetting events (correct at "
+                  'its previous minibatch presentation, wrong at this one) into examples.npz.')
 flags.DEFINE_enum('strategy', 'default', ['default', 'mirrored', 'tpu', 'multiworker'],
                   "Hardware: 'default' one device; 'mirrored' all local GPUs (or "
                   "--cpu_replicas logical CPUs); 'tpu' a Cloud TPU (--tpu); 'multiworker' "
@@ -122,7 +129,9 @@ def main(argv):
         eval_batch_size=FLAGS.eval_batch_size, decomp_every=FLAGS.decomp_every,
         decomp_dense_steps=FLAGS.decomp_dense_steps, null_worlds=FLAGS.null_worlds,
         decomp_sample_examples=FLAGS.decomp_sample_examples,
-        decomp_sample_weights=FLAGS.decomp_sample_weights)
+        decomp_sample_weights=FLAGS.decomp_sample_weights,
+        coherence_every=FLAGS.coherence_every, stiffness_examples=FLAGS.stiffness_examples,
+        forgetting=FLAGS.forgetting)
 
     run_dir = contextlib.ExitStack()
 

@@ -98,7 +98,7 @@ class TopKWinsorized(train.Experiment):
 
   def _gradients(self, images, labels):
     c = float(self.config.winsor_c)
-    losses, factors = gradients.dense_per_example_factors(self.model, images, labels,
+    losses, _, factors = gradients.dense_per_example_factors(self.model, images, labels,
                                                           1.0 / self.batch_size)
     by_variable = {}
     for layer, a, delta in factors:
@@ -133,7 +133,7 @@ class AuthorsRule(train.Experiment):
 
   @tf.function
   def _factors(self, indices):
-    _, factors = gradients.dense_per_example_factors(
+    _, _, factors = gradients.dense_per_example_factors(
         self.model, tf.gather(self.train_images, indices), tf.gather(self.train_labels, indices),
         1.0 / self.batch_size)
     return [(a, delta) for _, a, delta in factors]

@@ -47,7 +47,7 @@ def load(run_dirs):
   """[(noise, [decomposition record per seed])] sorted by noise."""
   by_noise = {}
   for run_dir in run_dirs:
-    record = workdir.read_decomposition(run_dir)
+    record = workdir.read_measurements(run_dir, workdir.DECOMPOSITION_FILE)
     if record is None:
       cli.fail(f'--runs: {run_dir} has no decomposition.npz; run it with --decomp_every')
     by_noise.setdefault(workdir.read_config(run_dir).noise, []).append(record)

@@ -238,7 +238,8 @@ def checks_for_seed(out, tag, experiments):
                    scalars[n]['test/accuracy'].dropna())
   if 'decomposition' in experiments:
     for n in (0.25, 0.5):
-      record = workdir.read_decomposition(os.path.join(runs, f'label_noise/noise{n:g}{tag}'))
+      record = workdir.read_measurements(os.path.join(runs, f'label_noise/noise{n:g}{tag}'),
+                                         workdir.DECOMPOSITION_FILE)
       f = decomposition.fractions(record['inner'])
       results[('2.4', f'f^p starts above f^c and crosses ({n:.0%})', 'exact f^p, f^c')] = \
           claims.pristine_dominates_then_crosses(record['step'], f[:, 0])

@@ -39,6 +39,12 @@ class Config:
     null_worlds: number K of null worlds (permuted pristine/corrupt designations).
     decomp_sample_examples: examples in the paper's sampled estimator.
     decomp_sample_weights: kernel weights per layer in the sampled estimator.
+    coherence_every: measure m-coherence, per-example coherence and GSNR over
+      the whole training set every this many steps, at every step up to
+      decomp_dense_steps and at the log-spaced steps (coherence.py); 0 = off.
+    stiffness_examples: ...and the class stiffness matrix on a fixed sample of
+      this many training examples; 0 = off.
+    forgetting: count each example's forgetting events in the training step.
   """
   dataset: str = 'mnist'
   data_dir: Optional[str] = None
@@ -62,6 +68,9 @@ class Config:
   null_worlds: int = 3
   decomp_sample_examples: int = 400
   decomp_sample_weights: int = 300
+  coherence_every: int = 0
+  stiffness_examples: int = 0
+  forgetting: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'hidden', tuple(int(h) for h in self.hidden))
@@ -93,12 +102,16 @@ class Config:
       problems.append(f'--winsor_c={self.winsor_c} must be in [0, 50)')
     if self.winsor_impl not in WINSOR_IMPLS:
       problems.append(f'--winsor_impl={self.winsor_impl} must be one of {", ".join(WINSOR_IMPLS)}')
-    for name in ('decomp_every', 'decomp_dense_steps', 'null_worlds'):
+    for name in ('decomp_every', 'decomp_dense_steps', 'null_worlds', 'coherence_every',
+                 'stiffness_examples'):
       if getattr(self, name) < 0:
         problems.append(f'--{name}={getattr(self, name)} must be >= 0')
     for name in ('decomp_sample_examples', 'decomp_sample_weights'):
       if getattr(self, name) <= 0:
         problems.append(f'--{name}={getattr(self, name)} must be positive')
+    if self.stiffness_examples and not self.coherence_every:
+      problems.append(f'--stiffness_examples={self.stiffness_examples} is measured on the '
+                      '--coherence_every schedule; set --coherence_every too')
     if self.winsor_c > 0 and self.batch_size == 0:
       problems.append('--winsor_c needs a minibatch: winsorizing the full batch would hold '
                       'every per-example gradient at once; set --batch_size')

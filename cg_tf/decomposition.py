@@ -15,6 +15,7 @@ free. The paper's estimator (a sample of 400 examples and 300 weights per
 layer) is the same formula restricted to the sample.
 """
 
+import time
 from typing import Dict, List, Sequence
 
 import keras
@@ -52,7 +53,7 @@ def total_gradient(model: keras.Sequential, images: np.ndarray, labels: np.ndarr
 
 @tf.function
 def _alignment_chunk(model: keras.Sequential, images, labels, total: Sequence[tf.Tensor]):
-  _, factors = gradients.dense_per_example_factors(model, images, labels)
+  _, _, factors = gradients.dense_per_example_factors(model, images, labels)
   by_variable = {id(v): t for v, t in zip(model.trainable_variables, total)}
   alignment = tf.zeros(tf.shape(labels), tf.float32)
   for layer, a, delta in factors:
@@ -100,7 +101,7 @@ def sampled_alignment(model: keras.Sequential, images: np.ndarray, labels: np.nd
     float64 [m]: <g_S, g_e> over the sampled weights, g_S = sum of the sample's
     per-example gradients there.
   """
-  _, factors = gradients.dense_per_example_factors(model, tf.constant(images),
+  _, _, factors = gradients.dense_per_example_factors(model, tf.constant(images),
                                                    tf.constant(labels))
   columns = []
   for (layer, a, delta), flat in zip(factors, weights):
@@ -169,9 +170,8 @@ class Recorder:
     keep = saved['step'] <= up_to_step
     self.records = {k: list(saved[k][keep]) for k in self.records}
 
-  def measure(self, step: int) -> Dict[str, float]:
-    """Measures at the model's current parameters; returns scalars to log."""
-    import time  # pylint: disable=g-import-not-at-top
+  def measure(self, step: int) -> None:
+    """Measures at the model's current parameters and appends to the records."""
     start = time.perf_counter()
     total = total_gradient(self.model, self.images, self.labels, self.chunk)
     inner = group_inner_products(
@@ -182,7 +182,6 @@ class Recorder:
     for key, value in (('step', step), ('inner', inner), ('sampled_inner', sampled),
                        ('seconds', time.perf_counter() - start)):
       self.records[key].append(value)
-    return self.scalars()
 
   def arrays(self) -> Dict[str, np.ndarray]:
     arrays = {k: np.asarray(v) for k, v in self.records.items()}
@@ -205,3 +204,7 @@ class Recorder:
         out[f'{prefix}/i_pristine'] = float(i[world, 0])
         out[f'{prefix}/i_corrupt'] = float(i[world, 1])
     return out
+
+  def image_summaries(self) -> Dict[str, np.ndarray]:
+    """The decomposition has no image summaries."""
+    return {}

@@ -55,7 +55,7 @@ def per_example_gradients(model: keras.Model,
 
 def dense_per_example_factors(
     model: keras.Sequential, x: tf.Tensor, y: tf.Tensor, loss_scale: float = 1.0
-) -> Tuple[tf.Tensor, List[Tuple[keras.layers.Dense, tf.Tensor, tf.Tensor]]]:
+) -> Tuple[tf.Tensor, tf.Tensor, List[Tuple[keras.layers.Dense, tf.Tensor, tf.Tensor]]]:
   """Inputs and errors of each Dense layer, from one forward and backward pass.
 
   For example e and Dense layer z = a @ W + b, the gradient of loss_e with
@@ -71,7 +71,8 @@ def dense_per_example_factors(
     loss_scale: multiplies every loss (1 / batch for the minibatch mean).
 
   Returns:
-    (losses [batch] unscaled, [(layer, a [batch, fan_in], delta [batch, fan_out])]).
+    (losses [batch] unscaled, logits [batch, classes],
+     [(layer, a [batch, fan_in], delta [batch, fan_out])]).
 
   Raises:
     TypeError: the model has a layer other than Dense.
@@ -90,4 +91,4 @@ def dense_per_example_factors(
     losses = per_example_loss(y, activation)
     total = tf.reduce_sum(losses) * loss_scale
   deltas = tape.gradient(total, preactivations)
-  return losses, list(zip(layers, inputs, deltas))
+  return losses, activation, list(zip(layers, inputs, deltas))

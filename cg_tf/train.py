@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cg_tf import coherence
 from cg_tf import data as data_lib
 from cg_tf import decomposition
 from cg_tf import distribute
@@ -117,6 +118,17 @@ class Experiment:
     self.permutation = tf.Variable(tf.range(num_train, dtype=tf.int32), trainable=False)
     self.permutation_epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
     self.num_parameters = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+    # Forgetting events (Toneva et al.): updated from the global minibatch's
+    # predictions outside strategy.run, like the data, so one copy suffices.
+    self.forgetting = None
+    if config.forgetting:
+      self.forgetting = {
+          'last_correct': tf.Variable(tf.fill([num_train], tf.constant(-1, tf.int8)),
+                                      trainable=False, name='last_correct'),
+          'forgetting_events': tf.Variable(tf.zeros([num_train], tf.int32), trainable=False,
+                                           name='forgetting_events'),
+          'correct_presentations': tf.Variable(tf.zeros([num_train], tf.int32),
+                                               trainable=False, name='correct_presentations')}
 
   @property
   def step(self) -> int:
@@ -129,7 +141,8 @@ class Experiment:
                                first_learned_step=self.first_learned_step,
                                learned_since_step=self.learned_since_step,
                                batch_metrics=[*self.batch_loss.variables,
-                                              *self.clipped_fraction.variables])
+                                              *self.clipped_fraction.variables],
+                               **(self.forgetting or {}))
 
   def _gradients(self, images: tf.Tensor, labels: tf.Tensor):
     """This replica's share of the minibatch gradient, and the mean loss.
@@ -144,13 +157,14 @@ class Experiment:
       labels: [B].
 
     Returns:
-      (one tensor per trainable variable, float32 scalar).
+      (one tensor per trainable variable, float32 scalar, logits [B, classes]).
     """
     c, batch = float(self.config.winsor_c), self.batch_size
     variables = self.model.trainable_variables
     if c == 0 or self.config.winsor_impl == 'reference':
       with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(gradients.per_example_loss(labels, self.model(images))) / batch
+        logits = self.model(images)
+        loss = tf.reduce_sum(gradients.per_example_loss(labels, logits)) / batch
       if c == 0:
         grads = tape.gradient(loss, variables)
       else:
@@ -158,9 +172,9 @@ class Experiment:
         grads = [winsorize.winsorized_sum_reference(g / batch, c) for g in
                  gradients.per_example_gradients(self.model, gradients.per_example_loss,
                                                  images, labels)]
-      return [distribute.only_first_replica(g) for g in grads], loss
-    losses, factors = gradients.dense_per_example_factors(self.model, images, labels,
-                                                          loss_scale=1.0 / batch)
+      return [distribute.only_first_replica(g) for g in grads], loss, logits
+    losses, logits, factors = gradients.dense_per_example_factors(self.model, images, labels,
+                                                                  loss_scale=1.0 / batch)
     by_variable, num_clipped = {}, tf.constant(0, tf.int64)
     for layer, a, delta in factors:
       width = delta.shape[-1]
@@ -173,18 +187,32 @@ class Experiment:
     num_clipped = distribute.sum_over_replicas(num_clipped)
     self.clipped_fraction.update_state(
         tf.cast(num_clipped, tf.float32) / (self.num_parameters * self.batch_size))
-    return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses)
+    return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses), logits
 
-  def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> None:
+  def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """One (winsorized) SGD step on the global minibatch, run on every replica by strategy.run.
 
     Args:
       images: [B, 784], the global minibatch.
       labels: [B].
+
+    Returns:
+      bool [B]: which examples the model classified correctly before the step.
     """
-    grads, loss = self._gradients(images, labels)
+    grads, loss, logits = self._gradients(images, labels)
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     self.batch_loss.update_state(loss)
+    return tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
+
+  def _count_forgetting(self, indices: tf.Tensor, correct: tf.Tensor) -> None:
+    """Updates the forgetting record of the examples `indices` [B] from `correct` [B]."""
+    record = self.forgetting
+    last_correct, forgotten = coherence.count_forgetting(
+        tf.gather(record['last_correct'], indices), correct)
+    indices = indices[:, tf.newaxis]
+    record['last_correct'].scatter_nd_update(indices, last_correct)
+    record['forgetting_events'].scatter_nd_add(indices, forgotten)
+    record['correct_presentations'].scatter_nd_add(indices, tf.cast(correct, tf.int32))
 
   @tf.function
   def train_steps(self, num_steps: tf.Tensor) -> None:
@@ -200,8 +228,11 @@ class Experiment:
       start = tf.cast(step % self.steps_per_epoch, tf.int32) * self.batch_size
       # tf.slice with a constant size keeps the batch dimension static.
       indices = tf.slice(self.permutation, [start], [self.batch_size])
-      self.strategy.run(self.train_step, args=(tf.gather(self.train_images, indices),
-                                               tf.gather(self.train_labels, indices)))
+      correct = self.strategy.run(self.train_step, args=(tf.gather(self.train_images, indices),
+                                                         tf.gather(self.train_labels, indices)))
+      if self.forgetting is not None:
+        # Every replica classified the whole minibatch alike: take the first's.
+        self._count_forgetting(indices, self.strategy.experimental_local_results(correct)[0])
 
   @tf.function
   def _predict(self, images: tf.Tensor, labels: tf.Tensor):
@@ -257,7 +288,8 @@ class Experiment:
     return {'label': self.noisy.data.train_labels, 'train_label': self.noisy.train_labels,
             'corrupt': self.noisy.corrupt, 'subset_index': self.noisy.subset,
             'first_learned_step': self.first_learned_step.numpy(),
-            'learned_since_step': self.learned_since_step.numpy()}
+            'learned_since_step': self.learned_since_step.numpy(),
+            **{name: v.numpy() for name, v in (self.forgetting or {}).items()}}
 
 
 def _hparams(config: Config) -> Dict[str, object]:
@@ -344,19 +376,29 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
     if not chief:
       tf.io.gfile.rmtree(manager.directory)
 
-  recorder = None
   # Every worker stops at the same steps, so their compiled calls line up;
-  # only the chief measures the decomposition, which only writes.
+  # only the chief measures, which only writes.
   decomp_steps = set(schedule.decomposition_steps(config.steps, config.decomp_every,
                                                   config.decomp_dense_steps))
+  coherence_steps = set(schedule.decomposition_steps(config.steps, config.coherence_every,
+                                                     config.decomp_dense_steps))
+  measurements = []  # (steps, recorder, file name)
   if decomp_steps and chief:
-    recorder = decomposition.Recorder(
+    measurements.append((decomp_steps, decomposition.Recorder(
         experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
         config.null_worlds, config.noise_seed, config.eval_batch_size,
-        config.decomp_sample_examples, config.decomp_sample_weights)
-    saved = workdir_lib.read_decomposition(workdir)
+        config.decomp_sample_examples, config.decomp_sample_weights),
+                         workdir_lib.DECOMPOSITION_FILE))
+  if coherence_steps and chief:
+    measurements.append((coherence_steps, coherence.Recorder(
+        experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
+        config.eval_batch_size, config.stiffness_examples, config.noise_seed,
+        data_lib.NUM_CLASSES), workdir_lib.COHERENCE_FILE))
+  for _, recorder, filename in measurements:
+    saved = workdir_lib.read_measurements(workdir, filename)
     if saved is not None:
       recorder.restore(saved, experiment.step)
+  measure_steps = decomp_steps | coherence_steps
   writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
   eval_steps = set(schedule.evaluation_steps(config.steps, config.eval_every,
                                              config.checkpoint_every))
@@ -366,15 +408,22 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
            experiment.batch_size, distribute.describe(strategy))
 
-  def decompose():
-    if recorder is None:
-      return
+  def measure():
     step = experiment.step
-    with writer.as_default(step=step):
-      for name, value in recorder.measure(step).items():
-        tf.summary.scalar(name, value)
-    write(os.path.join(workdir, workdir_lib.DECOMPOSITION_FILE),
-          lambda: workdir_lib.save_decomposition(workdir, recorder.arrays()))
+    for steps, recorder, filename in measurements:
+      if step not in steps:
+        continue
+      start = time.perf_counter()
+      recorder.measure(step)
+      log.info('step %d: %s measured in %.2f s', step, os.path.splitext(filename)[0],
+               time.perf_counter() - start)
+      with writer.as_default(step=step):
+        for name, value in recorder.scalars().items():
+          tf.summary.scalar(name, value)
+        for name, image in recorder.image_summaries().items():
+          tf.summary.image(name, image)
+      write(os.path.join(workdir, filename),
+            lambda: workdir_lib.save_measurements(workdir, filename, recorder.arrays()))  # pylint: disable=cell-var-from-loop
 
   def evaluate_and_record(steps_per_second: Optional[float]):
     nonlocal metrics
@@ -415,10 +464,9 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
     from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=g-import-not-at-top
     with writer.as_default():
       hparams_api.hparams(_hparams(config))
-    if 0 in decomp_steps:
-      decompose()
+    measure()
     evaluate_and_record(None)
-  for target in sorted(eval_steps | decomp_steps):
+  for target in sorted(eval_steps | measure_steps):
     step = experiment.step
     if target <= step:
       continue
@@ -437,10 +485,9 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
       experiment.train_steps(tf.constant(min(STEPS_PER_CALL, target - experiment.step),
                                          tf.int64))
     steps_per_second = (target - step) / (time.perf_counter() - start)
-    # The decomposition comes before the checkpoint that evaluation may write,
-    # so a run resumed from that checkpoint already has it.
-    if target in decomp_steps:
-      decompose()
+    # Measurements come before the checkpoint that evaluation may write, so a
+    # run resumed from that checkpoint already has them.
+    measure()
     if target in eval_steps:
       evaluate_and_record(steps_per_second)
   if not metrics:

@@ -24,6 +24,7 @@ from cg_tf.errors import UserInputError
 CONFIG_FILE = 'config.json'
 EXAMPLES_FILE = 'examples.npz'
 DECOMPOSITION_FILE = 'decomposition.npz'
+COHERENCE_FILE = 'coherence.npz'
 # Written once the last step is evaluated and checkpointed: its presence with
 # that step is what "the run is finished" means to reproduce.py.
 FINAL_METRICS_FILE = 'final_metrics.json'
@@ -78,7 +79,8 @@ def prepare(workdir: str, config: Config) -> None:
                          'another --logdir') from None
   path = os.path.join(workdir, CONFIG_FILE)
   if fs.exists(path):
-    previous = json.loads(read_bytes(path))
+    # A setting added after the run started has its default there.
+    previous = {**json.loads(Config().to_json()), **json.loads(read_bytes(path))}
     current = dataclasses.asdict(config)
     changed = sorted(k for k in current
                      if k not in RESUMABLE_CHANGES and json.loads(json.dumps(current[k]))
@@ -179,14 +181,14 @@ def save_examples(workdir: str, record: Dict[str, np.ndarray]) -> None:
   _save_npz(os.path.join(workdir, EXAMPLES_FILE), record)
 
 
-def save_decomposition(workdir: str, arrays: Dict[str, np.ndarray]) -> None:
-  """Writes decomposition.npz (decomposition.Recorder's records) atomically."""
-  _save_npz(os.path.join(workdir, DECOMPOSITION_FILE), arrays)
+def save_measurements(workdir: str, filename: str, arrays: Dict[str, np.ndarray]) -> None:
+  """Writes a Recorder's records (DECOMPOSITION_FILE, COHERENCE_FILE) atomically."""
+  _save_npz(os.path.join(workdir, filename), arrays)
 
 
-def read_decomposition(workdir: str) -> Optional[Dict[str, np.ndarray]]:
-  """decomposition.npz as a dict, or None if the run has none."""
-  path = os.path.join(workdir, DECOMPOSITION_FILE)
+def read_measurements(workdir: str, filename: str) -> Optional[Dict[str, np.ndarray]]:
+  """A Recorder's records (DECOMPOSITION_FILE, COHERENCE_FILE) as a dict, or None if absent."""
+  path = os.path.join(workdir, filename)
   if not files(path).exists(path):
     return None
   return _read_npz(path)

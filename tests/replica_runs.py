@@ -6,8 +6,8 @@ process holds one MirroredStrategy size, so each run is its own process:
   python -m tests.replica_runs N '{"winsor_c": 2}' WORKDIR
 
 N = 1 is the default strategy (one device). The run trains (or resumes) in
-WORKDIR, then writes the final model weights and per-example learning steps,
-as checkpointed, to WORKDIR/weights.npz and
+WORKDIR, then writes the final model weights, per-example learning steps and
+forgetting counts, as checkpointed, to WORKDIR/weights.npz and
 prints the final metrics as one JSON line.
 """
 
@@ -40,7 +40,8 @@ def main():
   np.savez(os.path.join(workdir, 'weights.npz'),
            **{name.replace('/', '.'): reader.get_tensor(name)
               for name in reader.get_variable_to_shape_map()
-              if name.startswith(('optimizer/_trainable_variables/', 'first_learned_step'))})
+              if name.startswith(('optimizer/_trainable_variables/', 'first_learned_step',
+                                  'forgetting_events', 'correct_presentations', 'last_correct'))})
   print(json.dumps({'replicas': strategy.num_replicas_in_sync, 'metrics': metrics}))
 
 

@@ -79,7 +79,7 @@ class DecompositionTest(parameterized.TestCase, tf.test.TestCase):
                                     decomp_sample_weights=20)
     whole = self.create_tempdir().full_path
     train.train_and_evaluate(config, whole, dataset)
-    record = workdir.read_decomposition(whole)
+    record = workdir.read_measurements(whole, workdir.DECOMPOSITION_FILE)
     np.testing.assert_array_equal(record['step'], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30])
     self.assertEqual(record['inner'].shape, (13, 4, 2))
     self.assertEqual(record['corrupt'].shape, (4, 150))
@@ -97,7 +97,7 @@ class DecompositionTest(parameterized.TestCase, tf.test.TestCase):
     train.train_and_evaluate(config.__class__(**{**config.__dict__, 'steps': 10}), split,
                              dataset)
     train.train_and_evaluate(config, split, dataset)
-    resumed = workdir.read_decomposition(split)
+    resumed = workdir.read_measurements(split, workdir.DECOMPOSITION_FILE)
     np.testing.assert_array_equal(resumed['step'], record['step'])
     self.assertAllClose(resumed['inner'], record['inner'], rtol=1e-6)
     self.assertTrue(os.path.exists(os.path.join(split, workdir.DECOMPOSITION_FILE)))

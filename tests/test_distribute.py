@@ -77,11 +77,16 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
       ('winsorized_fast', {'winsor_c': 2}),
       ('winsorized_reference', {'winsor_c': 2, 'winsor_impl': 'reference'}),
       ('with_decomposition', {'decomp_every': 25}),
+      ('with_forgetting', {'winsor_c': 2, 'forgetting': True}),
   )
   def test_one_two_and_four_replicas_give_the_same_bits(self, overrides):
     runs = {n: replica_run(n, overrides, self.create_tempdir().full_path) for n in (1, 2, 4)}
     for n in (2, 4):
       self.assert_same_run(runs[1], runs[n])
+    if overrides.get('forgetting'):
+      events = [v for k, v in runs[1][1].items() if k.startswith('forgetting_events')]
+      self.assertLen(events, 1)
+      self.assertGreater(events[0].sum(), 0)
     if overrides.get('winsor_c') and overrides.get('winsor_impl') != 'reference':
       # c = 2 of a batch of 100 clips 2 + 2 values of each coordinate; each
       # replica counts its own columns, and the fraction logged is their sum.

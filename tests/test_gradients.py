@@ -80,7 +80,8 @@ class PerExampleGradientsTest(parameterized.TestCase, tf.test.TestCase):
     expected = reference.mlp_per_example_gradients(
         [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers], x.numpy(),
         y.numpy())
-    losses, factors = gradients.dense_per_example_factors(model, x, y, loss_scale)
+    losses, logits, factors = gradients.dense_per_example_factors(model, x, y, loss_scale)
+    self.assertAllClose(logits, model(x))
     self.assertAllClose(losses, gradients.per_example_loss(y, model(x)))
     for i, (layer, a, delta) in enumerate(factors):
       self.assertIs(layer, model.layers[i])

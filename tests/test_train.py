@@ -126,7 +126,7 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     self.assertTrue(workdir_lib.is_finished(workdir))
     self.assertEqual(workdir_lib.read_config(workdir), config)
     self.assertEqual(workdir_lib.read_examples(workdir)['corrupt'].shape, (100,))
-    self.assertIsNotNone(workdir_lib.read_decomposition(workdir))
+    self.assertIsNotNone(workdir_lib.read_measurements(workdir, workdir_lib.DECOMPOSITION_FILE))
     self.assertAlmostEqual(workdir_lib.read_scalars(workdir)['train/accuracy'][20],
                            metrics['train/accuracy'], places=6)
     self.assertTrue(tf.train.latest_checkpoint(f'{workdir}/checkpoints'))
