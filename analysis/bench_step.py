@@ -5,6 +5,7 @@
 For each model (3x256 and 1x2048 at batch 100 by default) it times, in this one
 process and interleaved round by round, the compiled in-graph loop of:
   sgd         plain SGD (the loss's batch gradient);
+  sgd_forgetting  plain SGD counting forgetting events (--forgetting);
   per_example per-example gradients by tf.vectorized_map, summed (what any
               per-example method pays before it does anything else);
   reference   winsorized SGD by vectorized_map + tfp.stats.percentile;
@@ -58,12 +59,13 @@ flags.DEFINE_multi_string('model', ['256,256,256', '2048'], 'Hidden widths of on
 flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
 flags.DEFINE_float('seconds', 3.0, 'Rough time to spend on each measurement.')
 flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
-flags.DEFINE_list('methods', ['sgd', 'per_example', 'reference', 'top_k', 'fast', 'authors'],
+flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference', 'top_k',
+                              'fast', 'authors'],
                   'What to time.')
 flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
                      'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
-UNWINSORIZED = ('sgd', 'per_example')
+UNWINSORIZED = ('sgd', 'sgd_forgetting', 'per_example')
 
 
 def _is_percentile(text):
@@ -90,7 +92,8 @@ class PerExampleSgd(train.Experiment):
     per_example = gradients.per_example_gradients(self.model, gradients.per_example_loss,
                                                   images, labels)
     grads = [tf.reduce_sum(g, axis=0) / self.batch_size for g in per_example]
-    return grads, tf.reduce_mean(gradients.per_example_loss(labels, self.model(images)))
+    logits = self.model(images)
+    return grads, tf.reduce_mean(gradients.per_example_loss(labels, logits)), logits
 
 
 class TopKWinsorized(train.Experiment):
@@ -98,13 +101,14 @@ class TopKWinsorized(train.Experiment):
 
   def _gradients(self, images, labels):
     c = float(self.config.winsor_c)
-    losses, _, factors = gradients.dense_per_example_factors(self.model, images, labels,
-                                                          1.0 / self.batch_size)
+    losses, logits, factors = gradients.dense_per_example_factors(self.model, images, labels,
+                                                                  1.0 / self.batch_size)
     by_variable = {}
     for layer, a, delta in factors:
       by_variable[id(layer.kernel)] = top_k_winsorized_sum(tf.einsum('bi,bo->iob', a, delta), c)
       by_variable[id(layer.bias)] = top_k_winsorized_sum(tf.transpose(delta), c)
-    return [by_variable[id(v)] for v in self.model.trainable_variables], tf.reduce_mean(losses)
+    return ([by_variable[id(v)] for v in self.model.trainable_variables], tf.reduce_mean(losses),
+            logits)
 
 
 def authors_winsorized_sums(a, delta, c):
@@ -173,7 +177,8 @@ def build(row, hidden, noisy, mirrored=None):
   base = method.replace('_mirrored', '')
   c = float(c) if c else 0.0
   config = Config(hidden=hidden, batch_size=FLAGS.batch_size, winsor_c=c,
-                  winsor_impl='reference' if base == 'reference' else 'fast')
+                  winsor_impl='reference' if base == 'reference' else 'fast',
+                  forgetting=base == 'sgd_forgetting')
   cls = {'per_example': PerExampleSgd, 'top_k': TopKWinsorized,
          'authors': AuthorsRule}.get(base, train.Experiment)
   return cls(config, noisy, mirrored if method.endswith('_mirrored') else None)

@@ -42,9 +42,9 @@ SIGN_MAJORITY = 0.75
 
 @dataclasses.dataclass
 class LayerSums:
-  """Sums over a set of examples for one Dense layer, float64.
+  """Sums over the training examples for one Dense layer.
 
-  Attributes:
+  Attributes (float64):
     corrupt_sum: [fan_in + 1, fan_out], sum of g_e over the corrupt examples;
       row fan_in is the bias (its input is the constant 1).
     total_sum: [fan_in + 1, fan_out], sum of g_e over all examples.
@@ -64,11 +64,10 @@ def _chunk_statistics(model: keras.Sequential, images, labels, corrupt):
   """Per layer: the LayerSums of one chunk, and every example's ||g_e||^2 [chunk]."""
   _, _, factors = gradients.dense_per_example_factors(model, images, labels)
   sums, sq_norms = [], []
-  weight = tf.cast(corrupt, tf.float64)[:, tf.newaxis]
+  weight = tf.cast(corrupt, tf.float32)[:, tf.newaxis]
   for _, a, delta in factors:
     # The bias is the kernel row of a constant input 1.
-    a = tf.concat([tf.cast(a, tf.float64), tf.ones_like(a[:, :1], tf.float64)], axis=1)
-    delta = tf.cast(delta, tf.float64)
+    a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
     sums.append((tf.matmul(a, delta * weight, transpose_a=True),
                  tf.matmul(a, delta, transpose_a=True),
                  tf.matmul(a * a, delta * delta, transpose_a=True),
@@ -80,7 +79,10 @@ def _chunk_statistics(model: keras.Sequential, images, labels, corrupt):
 
 def layer_statistics(model: keras.Sequential, images: np.ndarray, labels: np.ndarray,
                      corrupt: np.ndarray, chunk: int):
-  """One pass over the examples, exact in float64 from float32 factors.
+  """One pass over the examples: float32 matmuls per chunk, chunks summed in float64.
+
+  The sign and nonzero counts are exact (integers below 2^24 in float32); the
+  sums carry float32 rounding, 1e-6 relative, like every gradient in training.
 
   Args:
     model: a Sequential of Dense layers.
@@ -94,10 +96,10 @@ def layer_statistics(model: keras.Sequential, images: np.ndarray, labels: np.nda
   for start in range(0, len(labels), chunk):
     part, sq = _chunk_statistics(model, images[start:start + chunk],
                                  labels[start:start + chunk], corrupt[start:start + chunk])
-    part = [[t.numpy() for t in layer] for layer in part]
+    part = [[t.numpy().astype(np.float64) for t in layer] for layer in part]
     totals = part if totals is None else [[t + p for t, p in zip(tl, pl)]
                                           for tl, pl in zip(totals, part)]
-    norms.append(sq.numpy())
+    norms.append(sq.numpy().astype(np.float64))
   return [LayerSums(*layer) for layer in totals], np.concatenate(norms)
 
 

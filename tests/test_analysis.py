@@ -42,6 +42,13 @@ class AnalysisTest(absltest.TestCase):
                                       decomp_sample_weights=10)
       train.train_and_evaluate(config, run_dir, dataset)
       cls.runs.append(run_dir)
+    cls.coherence_runs = []
+    for noise in (0.0, 0.5):
+      run_dir = os.path.join(cls.root, f'coherence_n{noise}')
+      train.train_and_evaluate(test_train.tiny_config(
+          noise=noise, steps=40, coherence_every=20, decomp_dense_steps=3, stiffness_examples=50,
+          forgetting=True), run_dir, dataset)
+      cls.coherence_runs.append(run_dir)
 
   def test_figure1(self):
     out = os.path.join(self.root, 'figs', 'figure1.png')
@@ -81,14 +88,37 @@ class AnalysisTest(absltest.TestCase):
     self.assertTrue(all(0 < f < 1.5 for f in f_pristine_at_0), f_pristine_at_0)
     self.assertFalse(np.isnan(f_pristine_at_0).any())
 
+  def test_coherence(self):
+    out = os.path.join(self.root, 'figs', 'coherence.png')
+    report = os.path.join(self.root, 'figs', 'coherence.md')
+    table = run_script('coherence.py', f'--runs={",".join(self.coherence_runs)}', f'--out={out}',
+                       f'--report={report}')
+    self.assertTrue(os.path.getsize(out) > 10_000)
+    with open(report) as f:
+      self.assertEqual(f.read(), table.strip() + '\n')
+    self.assertIn('| quantity | 0% noise | 50% noise |', table)
+    examples = workdir.read_examples(self.coherence_runs[1])
+    corrupt, events = examples['corrupt'], examples['forgetting_events']
+    row = row_for(table, '| forgetting events per corrupt example |').split('|')
+    self.assertEqual(row[2].strip(), '–')  # no corrupt examples at 0% noise
+    self.assertAlmostEqual(float(row[3]), events[corrupt].mean(), delta=5e-3)
+    record = workdir.read_measurements(self.coherence_runs[0], workdir.COHERENCE_FILE)
+    row = row_for(table, '| m-coherence at step 0 |').split('|')
+    self.assertAlmostEqual(float(row[2]), record['m_coherence'][0, 0, -1],
+                           delta=1e-2 * record['m_coherence'][0, 0, -1])
 
-if __name__ == '__main__':
-  absltest.main()
+  def test_coherence_refuses_runs_without_the_measurements(self):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'coherence.py'),
+                             f'--runs={self.runs[1]}', f'--out={self.root}/c.png'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 2)
+    self.assertIn('was not run with --coherence_every and --forgetting',
+                  result.stderr.strip().splitlines()[-1])
 
 
 class BadRunsTest(parameterized.TestCase):
 
-  @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py'],
+  @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py', 'coherence.py'],
                          case=['missing', 'empty_glob', 'not_a_run', 'unfinished', 'none'])
   def test_bad_runs_are_one_line_and_exit_2(self, script, case):
     root = self.create_tempdir()
@@ -112,3 +142,7 @@ class BadRunsTest(parameterized.TestCase):
     self.assertLen(lines, 1, result.stderr)
     self.assertStartsWith(lines[0], f'{script}: error: ')
     self.assertIn(message, lines[0])
+
+
+if __name__ == '__main__':
+  absltest.main()
