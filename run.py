@@ -55,6 +55,15 @@ flags.DEFINE_integer('stiffness_examples', 0, '...and the 10x10 class stiffness 
                      'fixed sample of this many training examples (0: off).')
 flags.DEFINE_bool('forgetting', False, "Count each example's forgetting events (correct at "
                   'its previous minibatch presentation, wrong at this one) into examples.npz.')
+flags.DEFINE_enum('aggregator', 'winsorize', ['mean', 'winsorize', 'trimmed_mean', 'median',
+                                               'l2clip', 'dp', 'm3', 'rm3', 'ra3'],
+                  'How per-example gradients become the update (docs/aggregators.md); '
+                  "'winsorize' with --winsor_c=0 is plain SGD.")
+flags.DEFINE_integer('trim_k', 0, 'trimmed_mean: values dropped a side per coordinate.')
+flags.DEFINE_float('clip_norm', 0.0, 'l2clip, dp: per-example gradient L2 norm bound C.')
+flags.DEFINE_float('noise_multiplier', 0.0, 'dp: Gaussian noise N(0, (sigma C)^2) on the '
+                   'clipped sum; sigma is this.')
+flags.DEFINE_float('dp_delta', 1e-5, "dp: the delta of the (epsilon, delta) reported.")
 flags.DEFINE_enum('strategy', 'default', ['default', 'mirrored', 'tpu', 'multiworker'],
                   "Hardware: 'default' one device; 'mirrored' all local GPUs (or "
                   "--cpu_replicas logical CPUs); 'tpu' a Cloud TPU (--tpu); 'multiworker' "
@@ -131,7 +140,9 @@ def main(argv):
         decomp_sample_examples=FLAGS.decomp_sample_examples,
         decomp_sample_weights=FLAGS.decomp_sample_weights,
         coherence_every=FLAGS.coherence_every, stiffness_examples=FLAGS.stiffness_examples,
-        forgetting=FLAGS.forgetting)
+        forgetting=FLAGS.forgetting, aggregator=FLAGS.aggregator, trim_k=FLAGS.trim_k,
+        clip_norm=FLAGS.clip_norm, noise_multiplier=FLAGS.noise_multiplier,
+        dp_delta=FLAGS.dp_delta)
 
     run_dir = contextlib.ExitStack()
 

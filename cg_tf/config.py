@@ -9,6 +9,12 @@ from cg_tf.errors import UserInputError
 INITS = ('paper', 'glorot_uniform')
 DATASETS = ('mnist', 'fashion_mnist')
 WINSOR_IMPLS = ('fast', 'reference')
+# The aggregators of cg_tf/aggregators.py, named here, where flags are checked
+# before TensorFlow loads: those that need per-example gradients, and those
+# that combine the last three minibatch gradients.
+PER_EXAMPLE_AGGREGATORS = ('winsorize', 'trimmed_mean', 'median', 'l2clip', 'dp')
+OVER_MINIBATCHES = ('m3', 'rm3', 'ra3')
+AGGREGATORS = ('mean', *PER_EXAMPLE_AGGREGATORS, *OVER_MINIBATCHES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,13 @@ class Config:
     stiffness_examples: ...and the class stiffness matrix on a fixed sample of
       this many training examples; 0 = off.
     forgetting: count each example's forgetting events in the training step.
+    aggregator: how per-example gradients become the update (aggregators.py):
+      'winsorize' (with winsor_c; c = 0 is plain SGD), 'mean', 'trimmed_mean',
+      'median', 'l2clip', 'dp', 'm3', 'rm3', 'ra3'.
+    trim_k: trimmed_mean drops this many values a side per coordinate.
+    clip_norm: l2clip and dp clip each example's gradient to this L2 norm.
+    noise_multiplier: dp adds N(0, (noise_multiplier * clip_norm)^2) to the clipped sum.
+    dp_delta: the delta of the (epsilon, delta) that a dp run reports.
   """
   dataset: str = 'mnist'
   data_dir: Optional[str] = None
@@ -71,6 +84,11 @@ class Config:
   coherence_every: int = 0
   stiffness_examples: int = 0
   forgetting: bool = False
+  aggregator: str = 'winsorize'
+  trim_k: int = 0
+  clip_norm: float = 0.0
+  noise_multiplier: float = 0.0
+  dp_delta: float = 1e-5
 
   def __post_init__(self):
     object.__setattr__(self, 'hidden', tuple(int(h) for h in self.hidden))
@@ -112,6 +130,27 @@ class Config:
     if self.stiffness_examples and not self.coherence_every:
       problems.append(f'--stiffness_examples={self.stiffness_examples} is measured on the '
                       '--coherence_every schedule; set --coherence_every too')
+    if self.aggregator not in AGGREGATORS:
+      problems.append(f'--aggregator={self.aggregator} must be one of {", ".join(AGGREGATORS)}')
+    if self.winsor_c > 0 and self.aggregator != 'winsorize':
+      problems.append(f'--winsor_c={self.winsor_c:g} winsorizes, but --aggregator='
+                      f'{self.aggregator}; drop --winsor_c or use --aggregator=winsorize')
+    if self.aggregator == 'trimmed_mean' and not (
+        self.trim_k >= 1 and (self.batch_size == 0 or 2 * self.trim_k < self.batch_size)):
+      problems.append(f'--aggregator=trimmed_mean needs 1 <= --trim_k < --batch_size / 2 '
+                      f'(got --trim_k={self.trim_k}, --batch_size={self.batch_size})')
+    if self.aggregator in ('l2clip', 'dp') and not self.clip_norm > 0:
+      problems.append(f'--aggregator={self.aggregator} needs --clip_norm > 0')
+    if self.noise_multiplier < 0:
+      problems.append(f'--noise_multiplier={self.noise_multiplier} must be >= 0')
+    if self.noise_multiplier > 0 and self.aggregator != 'dp':
+      problems.append('--noise_multiplier adds noise for --aggregator=dp only')
+    if not 0 < self.dp_delta < 1:
+      problems.append(f'--dp_delta={self.dp_delta} must be in (0, 1)')
+    if self.aggregator in PER_EXAMPLE_AGGREGATORS[1:] and self.batch_size == 0:
+      problems.append(f'--aggregator={self.aggregator} needs a minibatch; set --batch_size')
+    if self.winsor_impl == 'reference' and self.aggregator != 'winsorize':
+      problems.append('--winsor_impl=reference is for --aggregator=winsorize')
     if self.winsor_c > 0 and self.batch_size == 0:
       problems.append('--winsor_c needs a minibatch: winsorizing the full batch would hold '
                       'every per-example gradient at once; set --batch_size')

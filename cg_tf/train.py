@@ -32,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cg_tf import aggregators
 from cg_tf import coherence
 from cg_tf import data as data_lib
 from cg_tf import decomposition
@@ -42,6 +43,7 @@ from cg_tf import schedule
 from cg_tf import winsorize
 from cg_tf import workdir as workdir_lib
 from cg_tf.config import Config
+from cg_tf.config import OVER_MINIBATCHES
 from cg_tf.errors import RunInterrupted
 from cg_tf.errors import TrainingDiverged
 from cg_tf.errors import UserInputError
@@ -110,6 +112,13 @@ class Experiment:
                                             trainable=False, name='first_learned_step')
       self.learned_since_step = tf.Variable(tf.fill([num_train], tf.constant(-1, tf.int64)),
                                             trainable=False, name='learned_since_step')
+      # m3, rm3, ra3: the last three minibatch gradients of each variable. Every
+      # replica computes the same ones, so the first replica's copy is kept.
+      self.gradient_history = [
+          tf.Variable(tf.zeros([3, *v.shape]), trainable=False, name=f'history_{i}',
+                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+          for i, v in enumerate(self.model.trainable_variables)
+      ] if config.aggregator in OVER_MINIBATCHES else []
       self.batch_loss = keras.metrics.Mean('train_batch/loss')
       self.clipped_fraction = keras.metrics.Mean('train_batch/winsor_clipped_fraction')
     # The minibatch is drawn outside strategy.run, so the data need no copy per replica.
@@ -142,15 +151,17 @@ class Experiment:
                                learned_since_step=self.learned_since_step,
                                batch_metrics=[*self.batch_loss.variables,
                                               *self.clipped_fraction.variables],
+                               gradient_history=self.gradient_history,
                                **(self.forgetting or {}))
 
   def _gradients(self, images: tf.Tensor, labels: tf.Tensor):
     """This replica's share of the minibatch gradient, and the mean loss.
 
     Every replica computes the whole minibatch (distribute.py): the update
-    comes whole from replica 0 (SGD, the reference path) or column block by
-    column block from every replica (the fast winsorized path), zeros
-    elsewhere, so the optimizer's cross-replica sum is the one-device update.
+    comes whole from replica 0 (SGD, the reference path, median, clipping,
+    m3/rm3/ra3) or column block by column block from every replica (the fast
+    winsorized path, trimmed_mean), zeros elsewhere, so the optimizer's
+    cross-replica sum is the one-device update.
 
     Args:
       images: [B, 784], the global minibatch.
@@ -159,22 +170,43 @@ class Experiment:
     Returns:
       (one tensor per trainable variable, float32 scalar, logits [B, classes]).
     """
-    c, batch = float(self.config.winsor_c), self.batch_size
+    config, batch = self.config, self.batch_size
+    rule, c = config.aggregator, float(config.winsor_c)
     variables = self.model.trainable_variables
-    if c == 0 or self.config.winsor_impl == 'reference':
+    if rule == 'mean' or rule in OVER_MINIBATCHES or (
+        rule == 'winsorize' and (c == 0 or config.winsor_impl == 'reference')):
       with tf.GradientTape() as tape:
         logits = self.model(images)
         loss = tf.reduce_sum(gradients.per_example_loss(labels, logits)) / batch
-      if c == 0:
-        grads = tape.gradient(loss, variables)
-      else:
+      if rule == 'winsorize' and c > 0:
         # The loss is the minibatch mean, so example e contributes g_e / batch.
         grads = [winsorize.winsorized_sum_reference(g / batch, c) for g in
                  gradients.per_example_gradients(self.model, gradients.per_example_loss,
                                                  images, labels)]
+      else:
+        grads = tape.gradient(loss, variables)
+      if rule in OVER_MINIBATCHES:
+        grads = self._over_minibatches(grads)
       return [distribute.only_first_replica(g) for g in grads], loss, logits
+    if rule in ('median', 'l2clip', 'dp'):
+      losses, logits, factors = gradients.dense_per_example_factors(self.model, images, labels)
+      grads = self._whole_batch_aggregate([(a, delta) for _, a, delta in factors])
+      return [distribute.only_first_replica(g) for g in grads], tf.reduce_mean(losses), logits
     losses, logits, factors = gradients.dense_per_example_factors(self.model, images, labels,
                                                                   loss_scale=1.0 / batch)
+    if rule == 'trimmed_mean':
+      k = config.trim_k
+      by_variable = {}
+      for layer, a, delta in factors:
+        width = delta.shape[-1]
+        columns = distribute.own_columns(width)
+        # delta carries 1 / batch; the kept batch - 2k values are averaged.
+        rescale = batch / (batch - 2 * k)
+        by_variable[id(layer.kernel)] = distribute.place_columns(
+            winsorize.trimmed_outer_sum(a, delta, k, columns) * rescale, width)
+        by_variable[id(layer.bias)] = distribute.place_columns(
+            winsorize.trimmed_sum(delta, k, columns) * rescale, width)
+      return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses), logits
     by_variable, num_clipped = {}, tf.constant(0, tf.int64)
     for layer, a, delta in factors:
       width = delta.shape[-1]
@@ -188,6 +220,39 @@ class Experiment:
     self.clipped_fraction.update_state(
         tf.cast(num_clipped, tf.float32) / (self.num_parameters * self.batch_size))
     return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses), logits
+
+  def _whole_batch_aggregate(self, factors):
+    """median, l2clip or dp from each Dense layer's (a [B, in], delta [B, out]), delta unscaled.
+
+    Returns:
+      One update per trainable variable, on the scale of the mean gradient.
+    """
+    config, batch = self.config, self.batch_size
+    if config.aggregator == 'median':
+      sums = []
+      for a, delta in factors:
+        sums += [aggregators.outer_median(a, delta), aggregators.median(delta)]
+      return sums
+    sums = aggregators.clipped_sums(factors, config.clip_norm)
+    if config.aggregator == 'dp':
+      noise = aggregators.gaussian_noise([s.shape for s in sums],
+                                         config.noise_multiplier * config.clip_norm,
+                                         config.seed, self.optimizer.iterations)
+      sums = [s + n for s, n in zip(sums, noise)]
+    return [s / batch for s in sums]
+
+  def _over_minibatches(self, grads):
+    """m3 / rm3 / ra3: records this minibatch's gradients; returns the rule's update."""
+    seen = self.optimizer.iterations + 1  # minibatches seen, this one included
+    updates = []
+    for g, history in zip(grads, self.gradient_history):
+      # The first gradient fills the buffer, as in the authors' code; each next
+      # one replaces the oldest.
+      recorded = tf.where(seen == 1, tf.stack([g, g, g]), tf.tensor_scatter_nd_update(
+          history, [[(seen - 1) % 3]], g[tf.newaxis]))
+      history.assign(recorded)
+      updates.append(aggregators.over_minibatches(self.config.aggregator, recorded, seen))
+    return updates
 
   def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """One (winsorized) SGD step on the global minibatch, run on every replica by strategy.run.
@@ -271,6 +336,10 @@ class Experiment:
       if mask.any():
         metrics[f'{split}/loss'] = train_loss[mask].mean()
         metrics[f'{split}/accuracy'] = fitted[mask].mean()
+    if self.config.aggregator == 'dp':
+      metrics['dp/epsilon'] = aggregators.dp_epsilon(
+          self.noisy.num_train, self.batch_size, step, self.config.noise_multiplier,
+          self.config.dp_delta)
     noise = self.config.noise
     metrics['overfit'] = metrics['train/accuracy'] - (
         noise * 0.1 + (1 - noise) * metrics['test/accuracy'])

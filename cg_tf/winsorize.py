@@ -1,4 +1,4 @@
-"""Winsorized sums of per-example gradients (paper §3.1).
+"""Winsorized and trimmed sums of per-example gradients (paper §3.1; Yin et al. 2018).
 
 For each coordinate, l is the c-th and u the (100 - c)-th nearest-rank
 percentile of its values across the batch, and the winsorized sum is
@@ -65,6 +65,36 @@ def _insert(largest: Sequence[tf.Tensor], smallest: Sequence[tf.Tensor], x: tf.T
   return tuple(largest), tuple(smallest)
 
 
+def _extremes(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape, num_largest: int,
+              num_smallest: int) -> Tuple[Tuple[tf.Tensor, ...], Tuple[tf.Tensor, ...]]:
+  """The `num_largest` largest and `num_smallest` smallest of example(0..batch-1), coordinatewise.
+
+  Args:
+    example: e (an int32 scalar tensor) -> that example's values, [*shape].
+    batch: number of examples.
+    shape: shape of one example's values.
+    num_largest, num_smallest: how many extremes to keep a side.
+
+  Returns:
+    (largest, descending; smallest, ascending): tuples of [*shape] tensors.
+  """
+  largest = tuple(tf.fill(shape, -np.inf) for _ in range(num_largest))
+  smallest = tuple(tf.fill(shape, np.inf) for _ in range(num_smallest))
+
+  def insert_chunk(first, largest, smallest, size):
+    for k in range(size):
+      largest, smallest = _insert(largest, smallest, example(first + k))
+    return largest, smallest
+
+  def body(i, largest, smallest):
+    return (i + 1, *insert_chunk(i * CHUNK, largest, smallest, CHUNK))
+
+  num_chunks = batch // CHUNK
+  _, largest, smallest = tf.while_loop(lambda i, *_: i < num_chunks, body,
+                                       (tf.constant(0), largest, smallest))
+  return insert_chunk(tf.constant(num_chunks * CHUNK), largest, smallest, batch % CHUNK)
+
+
 def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,
                          total: tf.Tensor, c: float) -> Tuple[tf.Tensor, tf.Tensor]:
   """Winsorized sum of example(0), ..., example(batch - 1), each of `shape`.
@@ -81,22 +111,7 @@ def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, 
   """
   low, high = nearest_ranks(c, batch)
   num_high = batch - 1 - high
-  largest = tuple(tf.fill(shape, -np.inf) for _ in range(num_high + 1))
-  smallest = tuple(tf.fill(shape, np.inf) for _ in range(low + 1))
-
-  def insert_chunk(first, largest, smallest, size):
-    for k in range(size):
-      largest, smallest = _insert(largest, smallest, example(first + k))
-    return largest, smallest
-
-  def body(i, largest, smallest):
-    return (i + 1, *insert_chunk(i * CHUNK, largest, smallest, CHUNK))
-
-  num_chunks = batch // CHUNK
-  _, largest, smallest = tf.while_loop(lambda i, *_: i < num_chunks, body,
-                                       (tf.constant(0), largest, smallest))
-  largest, smallest = insert_chunk(tf.constant(num_chunks * CHUNK), largest, smallest,
-                                   batch % CHUNK)
+  largest, smallest = _extremes(example, batch, shape, num_high + 1, low + 1)
   upper, lower = largest[num_high], smallest[low]
   num_clipped = tf.constant(0, tf.int64)
   if num_high:
@@ -108,6 +123,14 @@ def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, 
     total += low * lower - tf.reduce_sum(below, axis=0)
     num_clipped += tf.math.count_nonzero(below < lower)
   return total, num_clipped
+
+
+def _trim_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,
+                    total: tf.Tensor, k: int) -> tf.Tensor:
+  """Sum of example(0..batch-1) without each coordinate's k largest and k smallest values."""
+  largest, smallest = _extremes(example, batch, shape, k, k)
+  return total - tf.reduce_sum(tf.stack(largest), axis=0) - tf.reduce_sum(tf.stack(smallest),
+                                                                           axis=0)
 
 
 @tf.function(jit_compile=True)
@@ -158,6 +181,48 @@ def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor, c:
   return _winsorize_streaming(
       lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :],
       activations.shape[0], [activations.shape[1], deltas.shape[1]], total, c)
+
+
+@tf.function(jit_compile=True)
+def trimmed_sum(per_example: tf.Tensor, k: int, columns: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Sum over axis 0 without each coordinate's k largest and k smallest values (k >= 1).
+
+  For sorted values s_0 <= ... <= s_{B-1} of a coordinate, sum_{i=k}^{B-1-k} s_i:
+  the coordinate-wise trimmed mean times B - 2k (Yin et al. 2018).
+
+  Args:
+    per_example: [batch, ...] with a static batch size > 2k.
+    k: values dropped a side (a Python int: each value compiles once).
+    columns: as for winsorized_sum_and_count.
+
+  Returns:
+    [...] or [k_columns].
+  """
+  if columns is not None:
+    per_example = _own_columns(per_example, columns)
+  return _trim_streaming(lambda e: per_example[e], per_example.shape[0], per_example.shape[1:],
+                         tf.reduce_sum(per_example, axis=0), k)
+
+
+@tf.function(jit_compile=True)
+def trimmed_outer_sum(activations: tf.Tensor, deltas: tf.Tensor, k: int,
+                      columns: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """trimmed_sum over e of outer(activations[e], deltas[e]), never materialised.
+
+  Args:
+    activations: [batch, fan_in].
+    deltas: [batch, fan_out].
+    k: values dropped a side.
+    columns: as for winsorized_outer_sum_and_count.
+
+  Returns:
+    [fan_in, fan_out] or [fan_in, k_columns].
+  """
+  total = tf.matmul(activations, deltas, transpose_a=True)
+  if columns is not None:
+    total, deltas = (_own_columns(x, columns) for x in (total, deltas))
+  return _trim_streaming(lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :],
+                         activations.shape[0], [activations.shape[1], deltas.shape[1]], total, k)
 
 
 def _own_columns(values: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:

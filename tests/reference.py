@@ -49,3 +49,26 @@ def num_clipped(per_example, c):
   per_example = np.asarray(per_example, np.float64)
   low, high = np.percentile(per_example, [c, 100 - c], axis=0, method='nearest')
   return int(((per_example < low) | (per_example > high)).sum())
+
+
+def aggregate(rule, per_example, **settings):
+  """Obvious NumPy definitions on flat per-example gradients [B, P] -> [P], float64.
+
+  Settings: k (trimmed_mean), c (winsorize), clip_norm (l2clip).
+  """
+  g = np.asarray(per_example, np.float64)
+  batch = len(g)
+  if rule == 'mean':
+    return g.mean(axis=0)
+  if rule == 'median':
+    return np.median(g, axis=0)
+  if rule == 'trimmed_mean':
+    k = settings['k']
+    return np.sort(g, axis=0)[k:batch - k].mean(axis=0)
+  if rule == 'winsorize':
+    low, high = np.percentile(g, [settings['c'], 100 - settings['c']], axis=0, method='nearest')
+    return np.clip(g, low, high).mean(axis=0)
+  if rule == 'l2clip':
+    norms = np.linalg.norm(g, axis=1, keepdims=True)
+    return (g * np.minimum(1.0, settings['clip_norm'] / np.maximum(norms, 1e-300))).mean(axis=0)
+  raise ValueError(f'no reference for {rule!r}')
