@@ -78,6 +78,7 @@ def outer_median(activations: tf.Tensor, deltas: tf.Tensor) -> tf.Tensor:
 
 def median(per_example: tf.Tensor) -> tf.Tensor:
   """Coordinate-wise median over axis 0 of [B, ...] -> [...], as np.median."""
+  per_example = tf.convert_to_tensor(per_example)
   batch = per_example.shape[0]
   ordered = tf.sort(tf.transpose(per_example, [*range(1, per_example.shape.rank), 0]), axis=-1)
   upper = ordered[..., batch // 2]

@@ -1,0 +1,203 @@
+"""Every aggregator against float64 NumPy definitions, step by step inside the training loop."""
+
+import os
+import re
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from cg_tf import aggregators
+from cg_tf import data
+from cg_tf import train
+from cg_tf import winsorize
+from cg_tf.config import Config
+from cg_tf.errors import UserInputError
+from tests import reference
+from tests import test_train
+
+
+def awkward_values(batch, width, seed):
+  """float32 [batch, width] with ties, exact zeros and constant columns."""
+  rng = np.random.default_rng(seed)
+  values = rng.normal(size=(batch, width)).astype(np.float32)
+  values[:, 0] = 0.0
+  values[:, 1] = 1.5
+  values[rng.random((batch, width)) < 0.2] = 0.0
+  values[:, 2] = np.round(values[:, 2])  # many ties
+  return values
+
+
+class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
+
+  @parameterized.product(batch=[3, 10, 33, 100], k=[1, 'largest'])
+  def test_trimmed_sums_match_sorting(self, batch, k):
+    k = (batch - 1) // 2 if k == 'largest' else k
+    a, d = awkward_values(batch, 6, batch), awkward_values(batch, 5, batch + 1)
+    outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
+    expected = np.sort(outer, axis=0)[k:batch - k].sum(axis=0)
+    self.assertAllClose(winsorize.trimmed_outer_sum(a, d, k), expected, rtol=1e-5, atol=1e-5)
+    self.assertAllClose(winsorize.trimmed_sum(d, k),
+                        np.sort(d.astype(np.float64), axis=0)[k:batch - k].sum(axis=0),
+                        rtol=1e-5, atol=1e-5)
+
+  def test_trimmed_sums_of_own_columns(self):
+    a, d = awkward_values(20, 4, 0), awkward_values(20, 6, 1)
+    whole = winsorize.trimmed_outer_sum(a, d, 3).numpy()
+    columns = tf.constant([4, 1, -1], tf.int32)
+    part = winsorize.trimmed_outer_sum(a, d, 3, columns).numpy()
+    self.assertAllEqual(part[:, :2], whole[:, [4, 1]])
+    self.assertAllEqual(part[:, 2], np.zeros(4))
+
+  @parameterized.parameters(1, 2, 7, 10, 100)
+  def test_median_matches_numpy(self, batch):
+    a, d = awkward_values(batch, 5, batch), awkward_values(batch, 4, 2 * batch)
+    self.assertAllClose(aggregators.median(d), np.median(d.astype(np.float64), axis=0),
+                        rtol=1e-6, atol=1e-7)
+    outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
+    self.assertAllClose(aggregators.outer_median(a, d), np.median(outer, axis=0), rtol=1e-5,
+                        atol=1e-6)
+
+  def test_median_of_three(self):
+    # The authors' formula, sum - min - max, rounds in float32; the middle value does not.
+    x = awkward_values(3, 50, 0)
+    self.assertAllClose(aggregators.median_of_three(x[0], x[1], x[2]), np.median(x, axis=0),
+                        rtol=1e-6, atol=1e-6)
+
+  def test_dp_epsilon(self):
+    args = dict(num_examples=60000, batch_size=256, delta=1e-5)
+    self.assertEqual(aggregators.dp_epsilon(steps=0, noise_multiplier=1.1, **args), 0.0)
+    self.assertEqual(aggregators.dp_epsilon(steps=10, noise_multiplier=0.0, **args), float('inf'))
+    more_steps = [aggregators.dp_epsilon(steps=s, noise_multiplier=1.1, **args)
+                  for s in (1000, 5000, 14062)]
+    self.assertEqual(more_steps, sorted(more_steps))
+    self.assertGreater(aggregators.dp_epsilon(steps=5000, noise_multiplier=0.8, **args),
+                       more_steps[1])
+    # Abadi et al.'s MNIST setting: 60 epochs of 256, sigma 1.1; the RDP accountant gives ~2.6-3.
+    self.assertBetween(more_steps[2], 2.0, 3.5)
+
+
+def one_step_config(aggregator, **settings):
+  return test_train.tiny_config(hidden=(8,), batch_size=20, noise=0.5, aggregator=aggregator,
+                                **settings)
+
+
+def flat(arrays):
+  return np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in arrays])
+
+
+class InTheLoopTest(parameterized.TestCase, tf.test.TestCase):
+  """Runs the real compiled step and replays it with the NumPy definitions."""
+
+  def replay(self, config, num_steps, update_rule):
+    """Runs num_steps one by one; checks each against w - lr * update_rule(per_example, step)."""
+    dataset = test_train.separable_dataset(num_train=60)
+    experiment = train.Experiment(config, data.make_noisy(dataset, 0, config.noise, 0))
+    images, labels = experiment.train_images.numpy(), experiment.train_labels.numpy()
+    for step in range(num_steps):
+      weights = [v.numpy() for v in experiment.model.trainable_variables]
+      experiment.train_steps(tf.constant(1, tf.int64))
+      start = step % experiment.steps_per_epoch * config.batch_size
+      batch = experiment.permutation.numpy()[start:start + config.batch_size]
+      per_example = reference.mlp_per_example_gradients(
+          [(w, b) for w, b in zip(weights[::2], weights[1::2])], images[batch], labels[batch])
+      per_example = np.concatenate([g.reshape(len(batch), -1) for g in per_example], axis=1)
+      expected = flat(weights) - config.learning_rate * update_rule(per_example, step)
+      self.assertAllClose(flat(experiment.model.trainable_variables), expected, rtol=1e-4,
+                          atol=2e-6, msg=f'step {step}')
+    return experiment
+
+  @parameterized.named_parameters(
+      ('mean', 'mean', {}),
+      ('winsorize', 'winsorize', {'winsor_c': 10}),
+      ('trimmed_mean_1', 'trimmed_mean', {'trim_k': 1}),
+      ('trimmed_mean_9', 'trimmed_mean', {'trim_k': 9}),
+      ('median', 'median', {}),
+      ('l2clip_tight', 'l2clip', {'clip_norm': 0.05}),
+      ('l2clip_loose', 'l2clip', {'clip_norm': 100.0}),
+  )
+  def test_per_example_aggregators(self, aggregator, settings):
+    reference_settings = {'c': settings.get('winsor_c'), 'k': settings.get('trim_k'),
+                          'clip_norm': settings.get('clip_norm')}
+    self.replay(one_step_config(aggregator, **settings), 4,
+                lambda g, _: reference.aggregate(aggregator, g, **reference_settings))
+
+  @parameterized.parameters('m3', 'rm3', 'ra3')
+  def test_over_minibatches_match_the_authors_ring_buffer(self, rule):
+    buffer, counter = [], [0]
+
+    def authors_update(per_example, _):
+      # rm3.py: the first gradient fills the 3-slot buffer, each next one goes
+      # to slot counter % 3; an update once 3 have been seen (m3: every third).
+      g = per_example.mean(axis=0)
+      if not buffer:
+        buffer.extend([g.copy(), g.copy(), g.copy()])
+        counter[0] = 1
+      else:
+        buffer[counter[0] % 3] = g
+        counter[0] += 1
+      if counter[0] < 3 or (rule == 'm3' and counter[0] % 3):
+        return np.zeros_like(g)
+      stacked = np.stack(buffer)
+      return stacked.mean(axis=0) if rule == 'ra3' else np.median(stacked, axis=0)
+
+    self.replay(one_step_config(rule), 8, authors_update)
+
+  def test_dp_without_noise_is_l2clip_and_its_noise_has_the_right_spread(self):
+    self.replay(one_step_config('dp', clip_norm=0.05), 3,
+                lambda g, _: reference.aggregate('l2clip', g, clip_norm=0.05))
+    noisy_config = test_train.tiny_config(hidden=(64,), batch_size=20, noise=0.5,
+                                          aggregator='dp', clip_norm=0.05, noise_multiplier=2.0)
+    plain_config = Config(**{**noisy_config.__dict__, 'noise_multiplier': 0.0})
+    dataset = test_train.separable_dataset(num_train=60)
+    noisy_data = data.make_noisy(dataset, 0, 0.5, 0)
+    noisy, plain = (train.Experiment(c, noisy_data) for c in (noisy_config, plain_config))
+    for experiment in (noisy, plain):
+      experiment.train_steps(tf.constant(1, tf.int64))
+    # w_noisy - w_plain = -lr * N(0, (sigma C)^2) / B per coordinate.
+    z = (flat(noisy.model.trainable_variables) - flat(plain.model.trainable_variables)) / (
+        -noisy_config.learning_rate * 2.0 * 0.05 / 20)
+    self.assertGreater(z.size, 1000)
+    self.assertAllClose([z.mean(), z.std()], [0.0, 1.0], atol=0.06)
+
+  @parameterized.named_parameters(
+      ('dp', {'aggregator': 'dp', 'clip_norm': 0.05, 'noise_multiplier': 1.0}),
+      ('rm3', {'aggregator': 'rm3'}),
+      ('m3', {'aggregator': 'm3'}),
+      ('trimmed_mean', {'aggregator': 'trimmed_mean', 'trim_k': 2}),
+  )
+  def test_a_resumed_run_has_the_same_bits(self, settings):
+    dataset = test_train.separable_dataset(num_train=100)
+    config = test_train.tiny_config(noise=0.5, steps=20, checkpoint_every=7, eval_every=7,
+                                    **settings)
+    whole = test_train.final_weights(config, dataset, self.create_tempdir().full_path)
+    split_dir = self.create_tempdir().full_path
+    train.train_and_evaluate(Config(**{**config.__dict__, 'steps': 7}), split_dir, dataset)
+    self.assertTrue(os.path.exists(os.path.join(split_dir, 'checkpoints')))
+    split = test_train.final_weights(config, dataset, split_dir)
+    for w, s in zip(whole, split):
+      self.assertAllEqual(w, s)
+
+  def test_dp_reports_epsilon(self):
+    dataset = test_train.separable_dataset(num_train=100)
+    config = test_train.tiny_config(steps=20, aggregator='dp', clip_norm=1.0,
+                                    noise_multiplier=1.0)
+    metrics = train.train_and_evaluate(config, self.create_tempdir().full_path, dataset)
+    self.assertAllClose(metrics['dp/epsilon'], aggregators.dp_epsilon(100, 20, 20, 1.0, 1e-5))
+
+
+class SettingsTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ({'aggregator': 'median', 'winsor_c': 2}, '--winsor_c=2 winsorizes, but --aggregator=median'),
+      ({'aggregator': 'trimmed_mean'}, 'needs 1 <= --trim_k < --batch_size / 2'),
+      ({'aggregator': 'trimmed_mean', 'trim_k': 10}, 'needs 1 <= --trim_k < --batch_size / 2'),
+      ({'aggregator': 'l2clip'}, '--aggregator=l2clip needs --clip_norm > 0'),
+      ({'aggregator': 'l2clip', 'clip_norm': 1.0, 'noise_multiplier': 1.0},
+       '--noise_multiplier adds noise for --aggregator=dp only'),
+      ({'aggregator': 'median', 'batch_size': 0}, '--aggregator=median needs a minibatch'),
+      ({'aggregator': 'nope'}, '--aggregator=nope must be one of'),
+  )
+  def test_bad_settings_are_refused_in_one_line(self, settings, message):
+    with self.assertRaisesRegex(UserInputError, re.escape(message)):
+      test_train.tiny_config(**settings)
