@@ -6,6 +6,10 @@ For each model (3x256 and 1x2048 at batch 100 by default) it times, in this one
 process and interleaved round by round, the compiled in-graph loop of:
   sgd         plain SGD (the loss's batch gradient);
   sgd_forgetting  plain SGD counting forgetting events (--forgetting);
+  trimmed_mean, median, l2clip, dp, m3, rm3, ra3
+              the other aggregators (--aggregator; docs/aggregators.md):
+              trimmed_mean drops as many values a side as c clips, l2clip
+              and dp clip at C = 1, dp adds noise of multiplier 1;
   per_example per-example gradients by tf.vectorized_map, summed (what any
               per-example method pays before it does anything else);
   reference   winsorized SGD by vectorized_map + tfp.stats.percentile;
@@ -47,6 +51,7 @@ from cg_tf import distribute  # pylint: disable=g-import-not-at-top,wrong-import
 from cg_tf import gradients  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import winsorize  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.config import AGGREGATORS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; random data if unset.')
@@ -60,12 +65,15 @@ flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
 flags.DEFINE_float('seconds', 3.0, 'Rough time to spend on each measurement.')
 flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
 flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference', 'top_k',
-                              'fast', 'authors'],
+                              'fast', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp', 'm3',
+                              'rm3', 'ra3'],
                   'What to time.')
 flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
                      'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
-UNWINSORIZED = ('sgd', 'sgd_forgetting', 'per_example')
+# Timed once, not once per --c.
+UNWINSORIZED = ('sgd', 'sgd_forgetting', 'per_example', 'median', 'l2clip', 'dp', 'm3', 'rm3',
+                'ra3')
 
 
 def _is_percentile(text):
@@ -176,9 +184,14 @@ def build(row, hidden, noisy, mirrored=None):
   method, _, c = row.partition(' c=')
   base = method.replace('_mirrored', '')
   c = float(c) if c else 0.0
-  config = Config(hidden=hidden, batch_size=FLAGS.batch_size, winsor_c=c,
+  aggregator = base if base in AGGREGATORS else 'winsorize'
+  config = Config(hidden=hidden, batch_size=FLAGS.batch_size,
+                  winsor_c=c if aggregator == 'winsorize' else 0.0,
                   winsor_impl='reference' if base == 'reference' else 'fast',
-                  forgetting=base == 'sgd_forgetting')
+                  forgetting=base == 'sgd_forgetting', aggregator=aggregator,
+                  trim_k=winsorize.nearest_ranks(c, FLAGS.batch_size)[0] if c else 0,
+                  clip_norm=1.0 if aggregator in ('l2clip', 'dp') else 0.0,
+                  noise_multiplier=1.0 if aggregator == 'dp' else 0.0)
   cls = {'per_example': PerExampleSgd, 'top_k': TopKWinsorized,
          'authors': AuthorsRule}.get(base, train.Experiment)
   return cls(config, noisy, mirrored if method.endswith('_mirrored') else None)

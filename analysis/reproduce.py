@@ -39,8 +39,9 @@ flags.DEFINE_string('data_dir', None, 'MNIST IDX directory (else tfds).')
 flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
 flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
 PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized')
-# Coherence measured directly (docs/coherence.md): not in the paper, so not run by default.
-EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence')
+# Not in the paper, so not run by default: coherence measured directly
+# (docs/coherence.md) and the aggregator comparison (docs/aggregators.md).
+EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators')
 flags.DEFINE_list('experiments', list(PAPER_EXPERIMENTS), 'Which experiments to run: '
                   f'some of {", ".join(EXPERIMENTS)}.')
 flags.DEFINE_list('only', [], 'Run only the runs whose name matches one of these shell '
@@ -64,6 +65,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISES = (0.0, 0.25, 0.5, 0.75, 1.0)
 DECOMPOSITION_NOISES = (0.25, 0.5, 0.75)
 CS = (0, 1, 2, 4, 8)
+AGGREGATOR_NOISES = (0.0, 0.5, 1.0)
+# Every aggregator over a small grid of its own setting, fixed in advance.
+AGGREGATOR_GRID = (
+    ('mean', []),
+    *((f'winsorize_c{c}', ['--aggregator=winsorize', f'--winsor_c={c}']) for c in (1, 2, 4)),
+    *((f'trimmed_mean_k{k}', ['--aggregator=trimmed_mean', f'--trim_k={k}']) for k in (1, 2, 4)),
+    ('median', ['--aggregator=median']),
+    ('m3', ['--aggregator=m3']), ('rm3', ['--aggregator=rm3']), ('ra3', ['--aggregator=ra3']),
+    *((f'l2clip_C{c:g}', ['--aggregator=l2clip', f'--clip_norm={c}']) for c in (1.0, 10.0)),
+    *((f'dp_C1_sigma{s:g}', ['--aggregator=dp', '--clip_norm=1', f'--noise_multiplier={s}'])
+      for s in (0.5, 1.0)),
+)
 
 
 def label_noise_levels(experiments):
@@ -98,6 +111,10 @@ def run_specs(scale, seeds, experiments):
     if 'coherence' in experiments:
       specs += [(f'coherence/noise{n:g}{tag}', [f'--flagfile=flags/coherence{suffix}.cfg',
                                                 f'--noise={n}', *seeding]) for n in NOISES]
+    if 'aggregators' in experiments:
+      specs += [(f'aggregators/n{n:g}_{label}{tag}',
+                 [f'--flagfile=flags/aggregators{suffix}.cfg', f'--noise={n}', *args, *seeding])
+                for n in AGGREGATOR_NOISES for label, args in AGGREGATOR_GRID]
     if 'winsorized' in experiments:
       specs += [(f'winsorized/n{n:g}_c{c}{tag}',
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
@@ -216,6 +233,11 @@ def draw_figures(out, seeds, experiments):
         run_dir for n in NOISES for run_dir in seed_dirs(os.path.join(runs, f'coherence/noise{n:g}'),
                                                          seeds)),
                     f'--out={out}/coherence.png', f'--report={out}/COHERENCE.md'])
+  if 'aggregators' in experiments:
+    scripts.append(['aggregators.py', '--runs=' + ','.join(
+        run_dir for n in AGGREGATOR_NOISES for label, _ in AGGREGATOR_GRID
+        for run_dir in seed_dirs(os.path.join(runs, f'aggregators/n{n:g}_{label}'), seeds)),
+                    f'--out={out}/aggregators.png', f'--report={out}/AGGREGATORS.md'])
   for script, *args in scripts:
     subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script), *args], check=True,
                    stdout=subprocess.DEVNULL)
@@ -333,6 +355,8 @@ def main(argv):
   draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments)
   if 'coherence' in FLAGS.experiments:
     print(f'coherence findings: {FLAGS.out}/COHERENCE.md')
+  if 'aggregators' in FLAGS.experiments:
+    print(f'aggregator comparison: {FLAGS.out}/AGGREGATORS.md')
   if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS):
       print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, ran, len(specs),
                        (time.time() - start) / 60))

@@ -68,12 +68,25 @@ def gaussian_noise(shapes: Sequence[tf.TensorShape], stddev: float, seed: int,
 
 
 def outer_median(activations: tf.Tensor, deltas: tf.Tensor) -> tf.Tensor:
-  """Coordinate-wise median over e of outer(a_e, delta_e): [fan_in, fan_out].
+  """Coordinate-wise median over e of outer(a_e, delta_e): [fan_in, fan_out], as np.median.
 
-  Forms the [fan_in, fan_out, B] per-example values and sorts them, as
-  np.median does (the mean of the two middle values for an even B).
+  Exact zeros decide most coordinates: where more than half of a row's
+  activations (or of a column's errors) are 0, more than half of the
+  coordinate's values are 0, and so is its median. Only the other rows and
+  columns are formed, [rows, columns, B], and sorted.
   """
-  return median(tf.einsum('bi,bo->bio', activations, deltas))
+  batch, fan_in = activations.shape
+  fan_out = deltas.shape[1]
+  # More than batch / 2 zeros <=> fewer than batch - batch // 2 nonzeros.
+  needed = batch - batch // 2
+  rows = tf.where(tf.math.count_nonzero(activations, axis=0) >= needed)[:, 0]
+  cols = tf.where(tf.math.count_nonzero(deltas, axis=0) >= needed)[:, 0]
+  values = median(tf.einsum('bi,bo->bio', tf.gather(activations, rows, axis=1),
+                            tf.gather(deltas, cols, axis=1)))  # [rows, cols]
+  by_row = tf.scatter_nd(rows[:, tf.newaxis], values, tf.stack(
+      [tf.constant(fan_in, tf.int64), tf.size(cols, tf.int64)]))
+  return tf.transpose(tf.scatter_nd(cols[:, tf.newaxis], tf.transpose(by_row),
+                                    tf.constant([fan_out, fan_in], tf.int64)))
 
 
 def median(per_example: tf.Tensor) -> tf.Tensor:

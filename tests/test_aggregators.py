@@ -58,6 +58,19 @@ class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(aggregators.outer_median(a, d), np.median(outer, axis=0), rtol=1e-5,
                         atol=1e-6)
 
+  @parameterized.parameters(10, 11)
+  def test_outer_median_with_mostly_zero_rows_and_columns(self, batch):
+    a, d = awkward_values(batch, 8, 3), awkward_values(batch, 6, 4)
+    half = batch // 2
+    a[:half + 1, 3] = 0.0  # more than half zero: the row's median is 0
+    a[:half, 4] = 0.0  # half (even batch) or fewer: sorted like any other
+    a[:, 5] = 0.0
+    d[:half + 1, 2] = 0.0
+    d[1:half + 1, 3] = 0.0
+    outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
+    self.assertAllClose(aggregators.outer_median(a, d), np.median(outer, axis=0), rtol=1e-5,
+                        atol=1e-6)
+
   def test_median_of_three(self):
     # The authors' formula, sum - min - max, rounds in float32; the middle value does not.
     x = awkward_values(3, 50, 0)

@@ -42,6 +42,14 @@ class AnalysisTest(absltest.TestCase):
                                       decomp_sample_weights=10)
       train.train_and_evaluate(config, run_dir, dataset)
       cls.runs.append(run_dir)
+    cls.aggregator_runs = []
+    for noise, settings in ((0.5, {'aggregator': 'trimmed_mean', 'trim_k': 2}),
+                            (0.5, {'aggregator': 'dp', 'clip_norm': 1.0, 'noise_multiplier': 1.0}),
+                            (1.0, {'aggregator': 'rm3'})):
+      run_dir = os.path.join(cls.root, f'aggregator_n{noise}_{settings["aggregator"]}')
+      train.train_and_evaluate(test_train.tiny_config(noise=noise, steps=20, **settings), run_dir,
+                               dataset)
+      cls.aggregator_runs.append(run_dir)
     cls.coherence_runs = []
     for noise in (0.0, 0.5):
       run_dir = os.path.join(cls.root, f'coherence_n{noise}')
@@ -107,6 +115,20 @@ class AnalysisTest(absltest.TestCase):
     self.assertAlmostEqual(float(row[2]), record['m_coherence'][0, 0, -1],
                            delta=1e-2 * record['m_coherence'][0, 0, -1])
 
+  def test_aggregators(self):
+    out = os.path.join(self.root, 'figs', 'aggregators.png')
+    table = run_script('aggregators.py', f'--runs={",".join(self.aggregator_runs)}',
+                       f'--out={out}')
+    self.assertTrue(os.path.getsize(out) > 10_000)
+    dp = row_for(table, '| 50% | dp C=1 σ=1 |').split('|')
+    metrics = workdir.read_scalars(self.aggregator_runs[1]).ffill().iloc[-1]
+    self.assertAlmostEqual(float(dp[3]), metrics['test/accuracy'], delta=5e-4)
+    self.assertIn(f'({metrics["dp/epsilon"]:.3g}, 1e-05)', dp[9])
+    self.assertIn('| 50% | trimmed_mean k=2 |', table)
+    rm3 = row_for(table, '| 100% | rm3 |').split('|')
+    self.assertEqual(float(rm3[6]), 0.1)  # the proper accuracy at 100% noise
+    self.assertEqual(rm3[9].strip(), '–')
+
   def test_coherence_refuses_runs_without_the_measurements(self):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'coherence.py'),
                              f'--runs={self.runs[1]}', f'--out={self.root}/c.png'],
@@ -118,7 +140,8 @@ class AnalysisTest(absltest.TestCase):
 
 class BadRunsTest(parameterized.TestCase):
 
-  @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py', 'coherence.py'],
+  @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py', 'coherence.py',
+                                 'aggregators.py'],
                          case=['missing', 'empty_glob', 'not_a_run', 'unfinished', 'none'])
   def test_bad_runs_are_one_line_and_exit_2(self, script, case):
     root = self.create_tempdir()

@@ -78,6 +78,9 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
       ('winsorized_reference', {'winsor_c': 2, 'winsor_impl': 'reference'}),
       ('with_decomposition', {'decomp_every': 25}),
       ('with_forgetting', {'winsor_c': 2, 'forgetting': True}),
+      ('trimmed_mean', {'aggregator': 'trimmed_mean', 'trim_k': 3}),
+      ('dp', {'aggregator': 'dp', 'clip_norm': 0.5, 'noise_multiplier': 1.0}),
+      ('rm3', {'aggregator': 'rm3'}),
   )
   def test_one_two_and_four_replicas_give_the_same_bits(self, overrides):
     runs = {n: replica_run(n, overrides, self.create_tempdir().full_path) for n in (1, 2, 4)}

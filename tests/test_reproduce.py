@@ -49,6 +49,21 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     full = dict(reproduce.run_specs('full', 1, ['label_noise']))
     self.assertIn('--flagfile=flags/label_noise.cfg', full['label_noise/noise1'])
 
+  def test_coherence_and_aggregator_specs_are_opt_in(self):
+    default = reproduce.run_specs('mini', 1, list(reproduce.PAPER_EXPERIMENTS))
+    self.assertFalse([n for n, _ in default if n.startswith(('coherence/', 'aggregators/'))])
+    coherence = dict(reproduce.run_specs('full', 1, ['coherence']))
+    self.assertEqual(sorted(coherence), sorted(f'coherence/noise{n:g}' for n in reproduce.NOISES))
+    self.assertIn('--flagfile=flags/coherence.cfg', coherence['coherence/noise0.5'])
+    aggregators = dict(reproduce.run_specs('mini', 2, ['aggregators']))
+    self.assertLen(aggregators, 2 * 3 * len(reproduce.AGGREGATOR_GRID))
+    self.assertEqual(aggregators['aggregators/n0.5_trimmed_mean_k2_s1'],
+                     ['--flagfile=flags/aggregators_cpu.cfg', '--noise=0.5',
+                      '--aggregator=trimmed_mean', '--trim_k=2', '--seed=1', '--noise_seed=1'])
+    self.assertIn('--noise_multiplier=0.5', aggregators['aggregators/n1_dp_C1_sigma0.5'])
+    for flagfile in ('coherence', 'coherence_cpu', 'aggregators', 'aggregators_cpu'):
+      self.assertTrue(os.path.exists(os.path.join(ROOT, 'flags', flagfile + '.cfg')), flagfile)
+
   def test_winsor_c(self):
     self.assertEqual(reproduce.winsor_c(['--noise=0.5', '--winsor_c=4']), 4.0)
     self.assertEqual(reproduce.winsor_c(['--noise=0.5']), 0.0)

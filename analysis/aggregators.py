@@ -1,0 +1,113 @@
+"""The aggregator comparison: memorisation and generalisation of each update rule.
+
+  python analysis/reproduce.py --experiments=aggregators --out=results/aggregators
+  python analysis/aggregators.py --runs='results/aggregators/runs/aggregators/*' \
+      --out=docs/aggregators.png --report=docs/aggregators_table.md
+
+For every run (one aggregator and setting at one noise level) prints a
+markdown row: final and best test accuracy, final training accuracy against
+the proper accuracy (1 - noise + noise / 10), the share of corrupt labels
+fitted, the final overfit (§3.3) and, for dp, the (epsilon, delta) spent.
+Draws, one panel per noise level, final training and test accuracy of each
+run beside the proper accuracy. Seeds of one run are averaged.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pandas as pd  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_list('runs', None, 'Run directories, e.g. results/aggregators/runs/aggregators/*.')
+flags.DEFINE_string('out', 'aggregators.png', 'Output PNG; a PDF is written beside it.')
+flags.DEFINE_string('report', None, 'Also write the table to this markdown file.')
+FLAGS = flags.FLAGS
+
+
+def setting(config):
+  """The aggregator and its own setting in words, e.g. 'trimmed_mean k=2'."""
+  rule = config.aggregator
+  if rule == 'winsorize':
+    return 'mean (SGD)' if config.winsor_c == 0 else f'winsorize c={config.winsor_c:g}'
+  return {'trimmed_mean': f'trimmed_mean k={config.trim_k}',
+          'l2clip': f'l2clip C={config.clip_norm:g}',
+          'dp': f'dp C={config.clip_norm:g} σ={config.noise_multiplier:g}',
+          'mean': 'mean (SGD)'}.get(rule, rule)
+
+
+def row(run_dir):
+  config = workdir.read_config(run_dir)
+  scalars = workdir.read_scalars(run_dir)
+  examples = workdir.read_examples(run_dir)
+  test = scalars['test/accuracy'].dropna()
+  corrupt = examples['corrupt']
+  final = scalars.ffill().iloc[-1]
+  return {'noise': config.noise, 'aggregator': setting(config),
+          'final test': test.iloc[-1], 'best test': test.max(),
+          'final train': final['train/accuracy'], 'proper': claims.proper_accuracy(config.noise),
+          'corrupt fitted': final['train_corrupt/accuracy'] if corrupt.any() else np.nan,
+          'final overfit': final['overfit'],
+          'epsilon': final['dp/epsilon'] if 'dp/epsilon' in scalars else np.nan,
+          'delta': config.dp_delta if config.aggregator == 'dp' else np.nan}
+
+
+def as_markdown(table):
+  lines = ['| noise | aggregator | final test | best test | final train | proper | corrupt '
+           'fitted | final overfit | (ε, δ) |', '|---|---|---|---|---|---|---|---|---|']
+  for _, r in table.iterrows():
+    privacy = '–' if np.isnan(r['epsilon']) else f'({r["epsilon"]:.3g}, {r["delta"]:g})'
+    fitted = '–' if np.isnan(r['corrupt fitted']) else f'{r["corrupt fitted"]:.3f}'
+    lines.append(f'| {r["noise"]:.0%} | {r["aggregator"]} | {r["final test"]:.3f} | '
+                 f'{r["best test"]:.3f} | {r["final train"]:.3f} | {r["proper"]:.3f} | '
+                 f'{fitted} | {r["final overfit"]:.3f} | {privacy} |')
+  return '\n'.join(lines) + '\n'
+
+
+def draw(table, out):
+  noises = sorted(table['noise'].unique())
+  order = list(dict.fromkeys(table['aggregator']))
+  fig, axes = plt.subplots(1, len(noises), figsize=(4.2 * len(noises), 0.3 * len(order) + 1.6),
+                           sharey=True, squeeze=False)
+  for ax, noise in zip(axes[0], noises):
+    part = table[table['noise'] == noise].set_index('aggregator').reindex(order)
+    y = np.arange(len(order))
+    ax.barh(y - 0.2, part['final train'], height=0.4, label='final train acc', color='tab:red')
+    ax.barh(y + 0.2, part['final test'], height=0.4, label='final test acc', color='tab:blue')
+    ax.axvline(claims.proper_accuracy(noise), color='black', linestyle='--', linewidth=1,
+               label='proper train acc')
+    ax.set_yticks(y, order)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_title(f'{noise:.0%} noise')
+    ax.grid(axis='x', alpha=0.3)
+  axes[0, 0].legend(fontsize='small', loc='lower right')
+  plotting.save(fig, out)
+
+
+def main(argv):
+  del argv
+  rows = [row(run_dir) for run_dir in cli.finished_runs(FLAGS.runs)]
+  table = (pd.DataFrame(rows).groupby(['noise', 'aggregator'], sort=False).mean().reset_index()
+           .sort_values('noise', kind='stable'))
+  draw(table, FLAGS.out)
+  text = as_markdown(table)
+  print(text)
+  if FLAGS.report:
+    with open(FLAGS.report, 'w') as f:
+      f.write(text)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
