@@ -103,10 +103,7 @@ def main(argv):
            .sort_values('noise', kind='stable'))
   draw(table, FLAGS.out)
   text = as_markdown(table)
-  print(text)
-  if FLAGS.report:
-    with open(FLAGS.report, 'w') as f:
-      f.write(text)
+  cli.print_report(text, FLAGS.report)
 
 
 if __name__ == '__main__':

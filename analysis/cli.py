@@ -39,3 +39,11 @@ def finished_runs(patterns):
     return workdir.finished_runs(patterns)
   except UserInputError as e:
     fail(str(e))
+
+
+def print_report(text: str, path=None) -> None:
+  """Prints a script's markdown table and, with --report=PATH, writes it there too."""
+  print(text)
+  if path:
+    with open(path, 'w') as f:
+      f.write(text)

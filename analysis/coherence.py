@@ -163,10 +163,7 @@ def main(argv):
     by_noise.setdefault(run[0].noise, []).append(run)
   draw(by_noise, FLAGS.out)
   table = as_markdown(by_noise)
-  print(table)
-  if FLAGS.report:
-    with open(FLAGS.report, 'w') as f:
-      f.write(table)
+  cli.print_report(table, FLAGS.report)
 
 
 if __name__ == '__main__':
