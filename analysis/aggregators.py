@@ -47,6 +47,17 @@ def setting(config):
           'mean': 'mean (SGD)'}.get(rule, rule)
 
 
+# Table and figure order: plain SGD, the per-coordinate rules, then clipping and DP.
+ORDER = ('mean', 'winsorize', 'trimmed_mean', 'median', 'm3', 'rm3', 'ra3', 'l2clip', 'dp')
+
+
+def order(config):
+  """Sort key of a run's aggregator and setting."""
+  rule = 'mean' if config.aggregator == 'winsorize' and config.winsor_c == 0 else config.aggregator
+  return (ORDER.index(rule), config.winsor_c, config.trim_k, config.clip_norm,
+          config.noise_multiplier)
+
+
 def row(run_dir):
   config = workdir.read_config(run_dir)
   scalars = workdir.read_scalars(run_dir)
@@ -54,7 +65,7 @@ def row(run_dir):
   test = scalars['test/accuracy'].dropna()
   corrupt = examples['corrupt']
   final = scalars.ffill().iloc[-1]
-  return {'noise': config.noise, 'aggregator': setting(config),
+  return {'noise': config.noise, 'aggregator': setting(config), 'order': order(config),
           'final test': test.iloc[-1], 'best test': test.max(),
           'final train': final['train/accuracy'], 'proper': claims.proper_accuracy(config.noise),
           'corrupt fitted': final['train_corrupt/accuracy'] if corrupt.any() else np.nan,
@@ -99,8 +110,9 @@ def draw(table, out):
 def main(argv):
   del argv
   rows = [row(run_dir) for run_dir in cli.finished_runs(FLAGS.runs)]
-  table = (pd.DataFrame(rows).groupby(['noise', 'aggregator'], sort=False).mean().reset_index()
-           .sort_values('noise', kind='stable'))
+  rows.sort(key=lambda r: (r['noise'], r['order']))
+  table = (pd.DataFrame(rows).drop(columns='order')
+           .groupby(['noise', 'aggregator'], sort=False).mean().reset_index())
   draw(table, FLAGS.out)
   text = as_markdown(table)
   cli.print_report(text, FLAGS.report)
