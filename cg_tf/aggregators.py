@@ -83,10 +83,10 @@ def outer_median(activations: tf.Tensor, deltas: tf.Tensor) -> tf.Tensor:
   cols = tf.where(tf.math.count_nonzero(deltas, axis=0) >= needed)[:, 0]
   values = median(tf.einsum('bi,bo->bio', tf.gather(activations, rows, axis=1),
                             tf.gather(deltas, cols, axis=1)))  # [rows, cols]
-  by_row = tf.scatter_nd(rows[:, tf.newaxis], values, tf.stack(
-      [tf.constant(fan_in, tf.int64), tf.size(cols, tf.int64)]))
-  return tf.transpose(tf.scatter_nd(cols[:, tf.newaxis], tf.transpose(by_row),
-                                    tf.constant([fan_out, fan_in], tf.int64)))
+  # Every (row, column) pair formed; there may be none.
+  pairs = tf.stack(tf.meshgrid(rows, cols, indexing='ij'), axis=-1)  # [rows, cols, 2]
+  return tf.tensor_scatter_nd_update(tf.zeros([fan_in, fan_out], values.dtype),
+                                     tf.reshape(pairs, [-1, 2]), tf.reshape(values, [-1]))
 
 
 def median(per_example: tf.Tensor) -> tf.Tensor:

@@ -71,6 +71,15 @@ class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(aggregators.outer_median(a, d), np.median(outer, axis=0), rtol=1e-5,
                         atol=1e-6)
 
+  def test_outer_median_when_every_row_or_column_is_mostly_zero(self):
+    a, d = awkward_values(10, 4, 5), awkward_values(10, 3, 6)
+    self.assertAllEqual(aggregators.outer_median(np.zeros_like(a), d), np.zeros((4, 3)))
+    self.assertAllEqual(aggregators.outer_median(a, np.zeros_like(d)), np.zeros((4, 3)))
+    median = tf.function(aggregators.outer_median)  # as in the training step: traced once
+    self.assertAllEqual(median(np.zeros_like(a), d), np.zeros((4, 3)))
+    outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
+    self.assertAllClose(median(a, d), np.median(outer, axis=0), rtol=1e-5, atol=1e-6)
+
   def test_median_of_three(self):
     # The authors' formula, sum - min - max, rounds in float32; the middle value does not.
     x = awkward_values(3, 50, 0)
