@@ -103,8 +103,9 @@ def draw(table, out):
     ax.set_xlim(0, 1)
     ax.set_title(f'{noise:.0%} noise')
     ax.grid(axis='x', alpha=0.3)
-  axes[0, 0].legend(fontsize='small', loc='lower right')
-  plotting.save(fig, out)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', ncol=3, fontsize='small')
+  plotting.save(fig, out, rect=(0, 0.05, 1, 1))
 
 
 def main(argv):

@@ -21,10 +21,14 @@ def label_grid(axes, column_titles: Sequence[str], row_labels: Sequence[str],
         ax.set_xlabel(xlabel)
 
 
-def save(fig, out: str, dpi: int = 110) -> None:
-  """Writes `out` (PNG) and a PDF beside it, creating the directory; closes the figure."""
+def save(fig, out: str, dpi: int = 110, rect=(0, 0, 1, 1)) -> None:
+  """Writes `out` (PNG) and a PDF beside it, creating the directory; closes the figure.
+
+  `rect` is the part of the figure the axes fill (tight_layout's), leaving room
+  for a figure legend.
+  """
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig.tight_layout()
+  fig.tight_layout(rect=rect)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=dpi)
   fig.savefig(os.path.splitext(out)[0] + '.pdf')
