@@ -1,5 +1,7 @@
-"""The label-noise experiment's training loop: SGD or winsorized SGD, evaluation,
-TensorBoard summaries, per-example learning times and checkpoints.
+"""The label-noise experiment's training loop: SGD, winsorized SGD or another
+aggregator (aggregators.py), evaluation, TensorBoard summaries, per-example
+learning times and forgetting events, the §2.4 and coherence measurements, and
+checkpoints.
 
 Structure (tensorflow/privacy, uncertainty-baselines): a pure step function
 `train_step(images, labels)` that `strategy.run` calls on every replica; a
@@ -371,7 +373,8 @@ def train_and_evaluate(config: Config, workdir: str,
                        strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, float]:
   """Runs (or resumes) the label-noise experiment in `workdir`.
 
-  Writes into `workdir`: config.json, TensorBoard event files, examples.npz and
+  Writes into `workdir`: config.json, TensorBoard event files, examples.npz,
+  decomposition.npz and coherence.npz when measured, final_metrics.json and
   checkpoints under checkpoints/. Rerunning after a kill resumes from the last
   checkpoint and ends with the same numbers as an uninterrupted run.
 
