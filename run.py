@@ -17,6 +17,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+# cg_tf.config loads no TensorFlow: its names can define the flags.
+from cg_tf.config import AGGREGATORS  # pylint: disable=g-import-not-at-top
+
 flags.DEFINE_enum('dataset', 'mnist', ['mnist', 'fashion_mnist'],
                   'Dataset, used when --data_dir is not given (fashion_mnist through tfds).')
 flags.DEFINE_string('data_dir', None, 'Directory with the four IDX files. If unset, MNIST '
@@ -55,8 +58,7 @@ flags.DEFINE_integer('stiffness_examples', 0, '...and the 10x10 class stiffness 
                      'fixed sample of this many training examples (0: off).')
 flags.DEFINE_bool('forgetting', False, "Count each example's forgetting events (correct at "
                   'its previous minibatch presentation, wrong at this one) into examples.npz.')
-flags.DEFINE_enum('aggregator', 'winsorize', ['mean', 'winsorize', 'trimmed_mean', 'median',
-                                               'l2clip', 'dp', 'm3', 'rm3', 'ra3'],
+flags.DEFINE_enum('aggregator', 'winsorize', list(AGGREGATORS),
                   'How per-example gradients become the update (docs/aggregators.md); '
                   "'winsorize' with --winsor_c=0 is plain SGD.")
 flags.DEFINE_integer('trim_k', 0, 'trimmed_mean: values dropped a side per coordinate.')
