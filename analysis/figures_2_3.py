@@ -32,6 +32,7 @@ from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-po
 
 flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
 flags.DEFINE_string('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.')
+flags.DEFINE_string('suffix', '', 'Appended to the file names: figure2SUFFIX.png, ...')
 flags.DEFINE_integer('first_steps', 10, 'Steps shown in Figure 3.')
 FLAGS = flags.FLAGS
 
@@ -145,10 +146,10 @@ def main(argv):
   del argv
   run_dirs = cli.finished_runs(FLAGS.runs)
   runs = load(run_dirs)
-  figure2(runs, os.path.join(FLAGS.out_dir, 'figure2.png'))
-  figure3(runs, os.path.join(FLAGS.out_dir, 'figure3.png'), FLAGS.first_steps)
+  figure2(runs, os.path.join(FLAGS.out_dir, f'figure2{FLAGS.suffix}.png'))
+  figure3(runs, os.path.join(FLAGS.out_dir, f'figure3{FLAGS.suffix}.png'), FLAGS.first_steps)
   print(summary_table(runs))
-  print(f'wrote {FLAGS.out_dir}/figure2.png and figure3.png')
+  print(f'wrote {FLAGS.out_dir}/figure2{FLAGS.suffix}.png and figure3{FLAGS.suffix}.png')
 
 
 if __name__ == '__main__':

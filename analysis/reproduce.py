@@ -16,6 +16,7 @@ and 3 come from the same 5 runs per seed.
 
 import concurrent.futures
 import fnmatch
+import functools
 import queue
 import re
 import os
@@ -52,6 +53,12 @@ flags.DEFINE_string('shard', None, 'K/N: run only the K-th (1..N) of N fixed par
 flags.DEFINE_list('devices', [], 'GPU indices, e.g. 0,1,2,3: each run gets one of them '
                   '(CUDA_VISIBLE_DEVICES) and as many runs go at once.')
 flags.DEFINE_bool('list', False, 'Print the run.py command of every selected run and exit.')
+flags.DEFINE_bool('report_only', False, 'Train nothing: draw the figures and the report from the '
+                  'runs under OUT that are finished (e.g. the committed results/full).')
+flags.DEFINE_string('report_dir', None, 'Where the figures and REPORT.md (REPORT_full.md at '
+                    'full scale) go; default OUT.')
+flags.DEFINE_string('compare_with', None, 'Another REPORT.md (e.g. docs/REPORT.md, the mini '
+                    'one): the report shows its measurement and verdict beside each claim.')
 flags.register_validator('shard', lambda v: v is None or bool(re.fullmatch(r'[1-9]\d*/[1-9]\d*', v))
                          and int(v.split('/')[0]) <= int(v.split('/')[1]),
                          'must be K/N with 1 <= K <= N, e.g. 2/3')
@@ -211,84 +218,137 @@ def run_all(specs, out, data_dir, parallel, devices=()):
   return len(todo), failed
 
 
-def draw_figures(out, seeds, experiments):
+def figure_name(number, scale):
+  """figureN.png at mini scale, figureN_full.png at full scale."""
+  return f'figure{number}{"_full" if scale == "full" else ""}.png'
+
+
+def draw_figures(out, seeds, experiments, report_dir, scale):
+  """Draws each figure from the finished runs it needs into `report_dir`; runs not finished are
+  left out (Figure 4 marks their cells 'not run').
+
+  Returns:
+    The file names of the figures drawn.
+  """
   runs = os.path.join(out, 'runs')
 
-  def label_noise_dirs(noises):
-    return '--runs=' + ','.join(run_dir for n in noises for run_dir in seed_dirs(
-        os.path.join(runs, f'label_noise/noise{n:g}'), seeds))
+  def finished(names):
+    return [run_dir for name in names for run_dir in seed_dirs(os.path.join(runs, name), seeds)
+            if workdir.is_finished(run_dir)]
 
   scripts = []
   if 'label_noise' in experiments:
-    scripts.append(['figure1.py', label_noise_dirs(NOISES), f'--out={out}/figure1.png'])
+    scripts.append((figure_name(1, scale), 'figure1.py',
+                    finished(f'label_noise/noise{n:g}' for n in NOISES),
+                    [f'--out={report_dir}/{figure_name(1, scale)}']))
   if 'decomposition' in experiments:
-    scripts.append(['figures_2_3.py', label_noise_dirs(DECOMPOSITION_NOISES), f'--out_dir={out}'])
+    scripts.append((figure_name(2, scale), 'figures_2_3.py',
+                    finished(f'label_noise/noise{n:g}' for n in DECOMPOSITION_NOISES),
+                    [f'--out_dir={report_dir}', '--suffix=' + ('_full' if scale == 'full' else '')]))
   if 'winsorized' in experiments:
-    scripts.append(['figure4.py', '--runs=' + ','.join(
-        run_dir for n in NOISES for c in CS
-        for run_dir in seed_dirs(os.path.join(runs, f'winsorized/n{n:g}_c{c}'), seeds)),
-                    f'--out={out}/figure4.png'])
+    scripts.append((figure_name(4, scale), 'figure4.py',
+                    finished(f'winsorized/n{n:g}_c{c}' for n in NOISES for c in CS),
+                    [f'--out={report_dir}/{figure_name(4, scale)}']))
   if 'coherence' in experiments:
-    scripts.append(['coherence.py', '--runs=' + ','.join(
-        run_dir for n in NOISES for run_dir in seed_dirs(os.path.join(runs, f'coherence/noise{n:g}'),
-                                                         seeds)),
-                    f'--out={out}/coherence.png', f'--report={out}/COHERENCE.md'])
+    scripts.append(('coherence.png', 'coherence.py',
+                    finished(f'coherence/noise{n:g}' for n in NOISES),
+                    [f'--out={report_dir}/coherence.png', f'--report={report_dir}/COHERENCE.md']))
   if 'aggregators' in experiments:
-    scripts.append(['aggregators.py', '--runs=' + ','.join(
-        run_dir for n in AGGREGATOR_NOISES for label, _ in AGGREGATOR_GRID
-        for run_dir in seed_dirs(os.path.join(runs, f'aggregators/n{n:g}_{label}'), seeds)),
-                    f'--out={out}/aggregators.png', f'--report={out}/AGGREGATORS.md'])
-  for script, *args in scripts:
-    subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script), *args], check=True,
-                   stdout=subprocess.DEVNULL)
+    scripts.append(('aggregators.png', 'aggregators.py',
+                    finished(f'aggregators/n{n:g}_{label}' for n in AGGREGATOR_NOISES
+                             for label, _ in AGGREGATOR_GRID),
+                    [f'--out={report_dir}/aggregators.png',
+                     f'--report={report_dir}/AGGREGATORS.md']))
+  drawn = []
+  for figure, script, run_dirs, args in scripts:
+    if not run_dirs:
+      continue
+    subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script),
+                    '--runs=' + ','.join(run_dirs), *args], check=True, stdout=subprocess.DEVNULL)
+    drawn.append(figure)
+    if script == 'figures_2_3.py':
+      drawn.append(figure_name(3, scale))
+  return drawn
 
 
 def checks_for_seed(out, tag, experiments):
-  """{(section, claim, quantity): Verdict} for the runs of one seed."""
+  """{(section, claim, quantity): Verdict} for the runs of one seed.
+
+  A check whose runs are not all finished is NOT RUN, naming what it waits for.
+  """
   # Imported here: it loads TensorFlow, which bad flags should not wait for.
   from cg_tf import decomposition  # pylint: disable=g-import-not-at-top
   runs = os.path.join(out, 'runs')
   results = {}
+
+  def path(name):
+    return os.path.join(runs, name + tag)
+
+  @functools.lru_cache(maxsize=None)
+  def scalars(name):
+    return workdir.read_scalars(path(name))
+
+  def check(key, names, measure):
+    missing = [name + tag for name in names if not workdir.is_finished(path(name))]
+    results[key] = claims.not_run(missing) if missing else measure()
+
+  def noise_run(n):
+    return f'label_noise/noise{n:g}'
+
   if 'label_noise' in experiments:
-    scalars = {n: workdir.read_scalars(os.path.join(runs, f'label_noise/noise{n:g}{tag}'))
-               for n in NOISES}
-    results[('2.3 (1)', 'time to a given training accuracy grows with noise',
-             'first step with train acc >= 90%')] = claims.time_to_accuracy_grows_with_noise(
-                 {n: s['train/accuracy'] for n, s in scalars.items()})
+    every = [noise_run(n) for n in NOISES]
+    check(('2.3 (1)', 'time to a given training accuracy grows with noise',
+           'first step with train acc >= 90%'), every,
+          lambda: claims.time_to_accuracy_grows_with_noise(
+              {n: scalars(noise_run(n))['train/accuracy'] for n in NOISES}))
     for n in (0.25, 0.5, 0.75):
-      examples = workdir.read_examples(os.path.join(runs, f'label_noise/noise{n:g}{tag}'))
-      results[('2.3 (2)', f'pristine examples are learned faster than corrupt ({n:.0%})',
-               'median first-learned step')] = claims.pristine_learned_first(
-                   examples['first_learned_step'], examples['corrupt'])
-    results[('2.3 (3)', 'with fewer pristine examples they are learned more slowly',
-             'pristine accuracy, steps 1-10, 0% vs 25%')] = claims.fewer_pristine_learned_slower(
-                 scalars[0.0]['train_pristine/accuracy'], scalars[0.25]['train_pristine/accuracy'])
-    results[('2.3', 'all variants fit their training set', 'final train acc >= 99%')] = \
-        claims.all_fit({n: float(s['train/accuracy'].iloc[-1]) for n, s in scalars.items()})
+      check(('2.3 (2)', f'pristine examples are learned faster than corrupt ({n:.0%})',
+             'median first-learned step'), [noise_run(n)],
+            lambda n=n: claims.pristine_learned_first(
+                *(lambda e: (e['first_learned_step'], e['corrupt']))(
+                    workdir.read_examples(path(noise_run(n))))))
+    check(('2.3 (3)', 'with fewer pristine examples they are learned more slowly',
+           'pristine accuracy, steps 1-10, 0% vs 25%'), [noise_run(0.0), noise_run(0.25)],
+          lambda: claims.fewer_pristine_learned_slower(
+              scalars(noise_run(0.0))['train_pristine/accuracy'],
+              scalars(noise_run(0.25))['train_pristine/accuracy']))
+    check(('2.3', 'all variants fit their training set', 'final train acc >= 99%'), every,
+          lambda: claims.all_fit({n: float(scalars(noise_run(n))['train/accuracy'].iloc[-1])
+                                  for n in NOISES}))
     for n in (0.5, 0.75, 1.0):
-      results[('2.3', f'early stopping beats the final test accuracy ({n:.0%})',
-               'best vs final test acc')] = claims.early_stopping_helps(
-                   scalars[n]['test/accuracy'].dropna())
+      check(('2.3', f'early stopping beats the final test accuracy ({n:.0%})',
+             'best vs final test acc'), [noise_run(n)],
+            lambda n=n: claims.early_stopping_helps(scalars(noise_run(n))['test/accuracy'].dropna()))
   if 'decomposition' in experiments:
     for n in (0.25, 0.5):
-      record = workdir.read_measurements(os.path.join(runs, f'label_noise/noise{n:g}{tag}'),
-                                         workdir.DECOMPOSITION_FILE)
-      f = decomposition.fractions(record['inner'])
-      results[('2.4', f'f^p starts above f^c and crosses ({n:.0%})', 'exact f^p, f^c')] = \
-          claims.pristine_dominates_then_crosses(record['step'], f[:, 0])
-      results[('2.4', f'no crossing in null worlds ({n:.0%})', 'exact f^p, f^c')] = \
-          claims.nulls_do_not_cross(f[:, 1:])
+
+      def fractions(n=n):
+        record = workdir.read_measurements(path(noise_run(n)), workdir.DECOMPOSITION_FILE)
+        return record['step'], decomposition.fractions(record['inner'])
+
+      check(('2.4', f'f^p starts above f^c and crosses ({n:.0%})', 'exact f^p, f^c'),
+            [noise_run(n)], lambda f=fractions: claims.pristine_dominates_then_crosses(
+                f()[0], f()[1][:, 0]))
+      check(('2.4', f'no crossing in null worlds ({n:.0%})', 'exact f^p, f^c'), [noise_run(n)],
+            lambda f=fractions: claims.nulls_do_not_cross(f()[1][:, 1:]))
   if 'winsorized' in experiments:
-    grid = {(n, c): workdir.read_scalars(os.path.join(runs, f'winsorized/n{n:g}_c{c}{tag}'))
-            for n in NOISES for c in CS}
+
+    def cell(n, c):
+      return f'winsorized/n{n:g}_c{c}'
+
+    def final(n, c, tag):
+      return float(scalars(cell(n, c))[tag].dropna().iloc[-1])
+
     for n in (0.25, 0.5, 0.75, 1.0):
       for c in (2, 4, 8):
-        results[('3.3', f'c = {c} keeps training accuracy at most proper ({n:.0%})',
-                 'final train acc <= proper + 0.02')] = claims.winsorized_stays_at_proper(
-                     float(grid[(n, c)]['train/accuracy'].iloc[-1]), claims.proper_accuracy(n))
-      results[('3.3', f'overfit grows more slowly as c grows ({n:.0%})',
-               'final overfit, c = 0..8')] = claims.overfit_falls_with_c(
-                   {c: float(grid[(n, c)]['overfit'].iloc[-1]) for c in CS})
+        check(('3.3', f'c = {c} keeps training accuracy at most proper ({n:.0%})',
+               'final train acc <= proper + 0.02'), [cell(n, c)],
+              lambda n=n, c=c: claims.winsorized_stays_at_proper(
+                  final(n, c, 'train/accuracy'), claims.proper_accuracy(n),
+                  final_test_accuracy=final(n, c, 'test/accuracy')))
+      check(('3.3', f'overfit grows more slowly as c grows ({n:.0%})', 'final overfit, c = 0..8'),
+            [cell(n, c) for c in CS],
+            lambda n=n: claims.overfit_falls_with_c({c: final(n, c, 'overfit') for c in CS}))
   return results
 
 
@@ -297,23 +357,46 @@ def machine():
   return f'{platform.system()} {platform.machine()}, {os.cpu_count()} cores'
 
 
-def write_report(out, seeds, experiments, scale, ran, total, minutes):
+def write_report(out, seeds, experiments, scale, report_dir, figures, finished, total,
+                 compare_with=None):
+  """Writes REPORT.md (mini) or REPORT_full.md (full) into `report_dir` and returns its text.
+
+  Args:
+    figures: file names in `report_dir` to show below the table.
+    finished, total: how many of the runs are finished, of how many.
+    compare_with: another report's text (e.g. the mini one); its measurement
+      and verdict of each claim are shown beside this one's.
+  """
   per_seed = [checks_for_seed(out, seed_suffix(s), experiments) for s in range(seeds)]
+  other = claims.read_markdown(compare_with) if compare_with else None
   rows = []
   for key, verdict in per_seed[0].items():
-    agree = sum(results[key].passed for results in per_seed)
-    rows.append({'section': key[0], 'claim': key[1], 'test': key[2], 'measured': verdict.measured,
-                 'verdict': ('PASS' if verdict.passed else 'FAIL') +
-                            (f' ({agree}/{seeds} seeds)' if seeds > 1 else '')})
-  figures = [f for f in ('figure1.png', 'figure2.png', 'figure3.png', 'figure4.png')
-             if os.path.exists(os.path.join(out, f))]
+    agree = sum(bool(results[key].passed) for results in per_seed)
+    row = {'section': key[0], 'claim': key[1], 'test': key[2], 'measured': verdict.measured,
+           'verdict': verdict.text + (f' ({agree}/{seeds} seeds)'
+                                      if seeds > 1 and verdict.passed is not None else '')}
+    if other is not None:
+      theirs = other.get(key[:2], {})
+      row['other_measured'] = theirs.get('measured', 'not checked')
+      row['other_verdict'] = theirs.get('verdict', '')
+    rows.append(row)
+  columns = claims.COLUMNS
+  if other is not None:
+    columns = (*columns[:3], ('measured', f'measured ({scale})'), ('verdict', f'verdict ({scale})'),
+               ('other_measured', 'measured (compared report)'),
+               ('other_verdict', 'verdict (compared report)'))
+  checked = [verdict for verdict in per_seed[0].values() if verdict.passed is not None]
+  waiting = len(per_seed[0]) - len(checked)
+  name = 'REPORT_full.md' if scale == 'full' else 'REPORT.md'
   text = (f'# Coherent Gradients: claims checked ({scale} scale)\n\n'
-          f'{sum(r["verdict"].startswith("PASS") for r in rows)} of {len(rows)} checks pass '
-          f'(seed 0{f", {seeds} seeds" if seeds > 1 else ""}). This invocation ran {ran} of '
-          f'{total} runs and drew the figures in {minutes:.1f} min on {machine()}.\n\n'
-          f'{claims.as_markdown(rows)}\n\n' +
+          f'{sum(v.passed for v in checked)} of {len(checked)} checks pass (seed 0'
+          f'{f", {seeds} seeds" if seeds > 1 else ""})'
+          f'{f"; {waiting} wait for runs that are not finished" if waiting else ""}. '
+          f'{finished} of {total} runs are finished. Written by analysis/reproduce.py from the '
+          f'run directories under {out}/runs on {machine()}.\n\n'
+          f'{claims.as_markdown(rows, columns)}\n\n' +
           ''.join(f'![{f}]({f})\n\n' for f in figures))
-  with open(os.path.join(out, 'REPORT.md'), 'w') as f:
+  with open(os.path.join(report_dir, name), 'w') as f:
     f.write(text)
   return text
 
@@ -327,6 +410,19 @@ def main(argv):
     os.makedirs(FLAGS.out, exist_ok=True)
   except OSError as e:
     cli.fail(f'--out={FLAGS.out} cannot be created ({e.strerror}); choose another --out')
+  report_dir = FLAGS.report_dir or FLAGS.out
+  try:
+    os.makedirs(report_dir, exist_ok=True)
+  except OSError as e:
+    cli.fail(f'--report_dir={report_dir} cannot be created ({e.strerror}); choose another')
+  compare_with = None
+  if FLAGS.compare_with:
+    try:
+      with open(FLAGS.compare_with) as f:
+        compare_with = f.read()
+    except OSError as e:
+      cli.fail(f'--compare_with={FLAGS.compare_with} cannot be read ({e.strerror}); give a '
+               'REPORT.md that reproduce.py wrote, e.g. docs/REPORT.md')
   if FLAGS.devices and FLAGS.parallel not in (1, len(FLAGS.devices)):
     cli.fail(f'--parallel={FLAGS.parallel} but --devices lists {len(FLAGS.devices)}: each run '
          'gets its own device, so leave --parallel out')
@@ -339,27 +435,34 @@ def main(argv):
     k, n = map(int, FLAGS.shard.split('/'))
     chosen = shard(chosen, k, n)
   if FLAGS.list:
-    for name, args in chosen:  # flagfile paths are relative to the repository
-      print(f'cd {ROOT} && ' + ' '.join(command(name, args, FLAGS.out, FLAGS.data_dir)))
+    try:
+      for name, args in chosen:  # flagfile paths are relative to the repository
+        print(f'cd {ROOT} && ' + ' '.join(command(name, args, FLAGS.out, FLAGS.data_dir)))
+      sys.stdout.flush()
+    except BrokenPipeError:  # e.g. | head: the reader has what it wanted
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return
-  ran, failed = run_all(chosen, FLAGS.out, FLAGS.data_dir, FLAGS.parallel, FLAGS.devices)
+  ran, failed = 0, []
+  if not FLAGS.report_only:
+    ran, failed = run_all(chosen, FLAGS.out, FLAGS.data_dir, FLAGS.parallel, FLAGS.devices)
   if failed:
     print(f'reproduce.py: error: {len(failed)} runs failed ({", ".join(failed)}); see '
           f'{FLAGS.out}/logs/ and rerun to resume', file=sys.stderr)
     sys.exit(1)
   missing = unfinished(specs, FLAGS.out)
   if missing:
-    print(f'{len(missing)} of {len(specs)} runs are not finished yet; the figures and '
-          'REPORT.md are drawn once they are')
-    return
-  draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments)
+    print(f'{len(missing)} of {len(specs)} runs are not finished yet: the figures leave them out '
+          'and the report marks the checks that need them NOT RUN')
+  figures = draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments, report_dir, FLAGS.scale)
   if 'coherence' in FLAGS.experiments:
-    print(f'coherence findings: {FLAGS.out}/COHERENCE.md')
+    print(f'coherence findings: {report_dir}/COHERENCE.md')
   if 'aggregators' in FLAGS.experiments:
-    print(f'aggregator comparison: {FLAGS.out}/AGGREGATORS.md')
+    print(f'aggregator comparison: {report_dir}/AGGREGATORS.md')
   if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS):
-      print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, ran, len(specs),
-                       (time.time() - start) / 60))
+    print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, report_dir,
+                       [f for f in figures if f.startswith('figure')], len(specs) - len(missing),
+                       len(specs), compare_with))
+  print(f'{ran} runs trained, figures and report drawn in {(time.time() - start) / 60:.1f} min')
 
 
 if __name__ == '__main__':

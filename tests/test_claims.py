@@ -64,6 +64,24 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(claims.winsorized_stays_at_proper(0.56, 0.55).passed)
     self.assertFalse(claims.winsorized_stays_at_proper(0.98, 0.55).passed)
 
+  def test_a_network_that_learned_nothing_passes_only_trivially(self):
+    learned = claims.winsorized_stays_at_proper(0.50, 0.55, final_test_accuracy=0.84)
+    self.assertEqual(learned.text, 'PASS')
+    collapsed = claims.winsorized_stays_at_proper(0.112, 0.775, final_test_accuracy=0.114)
+    self.assertTrue(collapsed.passed)
+    self.assertEqual(collapsed.text, 'PASS (trivially: the network learned nothing)')
+    self.assertIn('final test acc 0.114', collapsed.measured)
+    # With every label random, learning nothing is what the claim asks for.
+    self.assertEqual(claims.winsorized_stays_at_proper(0.11, 0.1, final_test_accuracy=0.1).text,
+                     'PASS')
+
+  def test_not_run(self):
+    verdict = claims.not_run(['winsorized/n0.5_c8'])
+    self.assertIsNone(verdict.passed)
+    self.assertEqual(verdict.text, 'NOT RUN')
+    self.assertEqual(verdict.measured, 'waiting for winsorized/n0.5_c8')
+    self.assertEqual(claims.Verdict('m', False).text, 'FAIL')
+
   def test_overfit_falls_with_c(self):
     self.assertTrue(claims.overfit_falls_with_c({0: 0.4, 2: 0.2, 8: 0.0}).passed)
     self.assertFalse(claims.overfit_falls_with_c({0: 0.4, 2: 0.5, 8: 0.0}).passed)
@@ -76,3 +94,15 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
     table = claims.as_markdown([{'section': '2.3', 'claim': 'c', 'test': 't', 'measured': 'm',
                                  'verdict': 'PASS'}])
     self.assertEqual(table.splitlines()[-1], '| 2.3 | c | t | m | PASS |')
+
+  def test_markdown_reads_back(self):
+    rows = [{'section': '2.3 (1)', 'claim': 'a (25%)', 'test': 't >= 90%', 'measured': 'm 0.5',
+             'verdict': 'PASS (trivially: x)'},
+            {'section': '3.3', 'claim': 'b', 'test': 't', 'measured': 'n', 'verdict': 'NOT RUN'}]
+    text = '# title\n\nprose | with a bar\n\n' + claims.as_markdown(rows) + '\n\n![f](f.png)\n'
+    self.assertEqual(claims.read_markdown(text),
+                     {('2.3 (1)', 'a (25%)'): rows[0], ('3.3', 'b'): rows[1]})
+
+  def test_markdown_with_other_columns(self):
+    table = claims.as_markdown([{'a': '1', 'b': '2'}, {'a': '3'}], (('a', 'A'), ('b', 'B')))
+    self.assertEqual(table.splitlines(), ['| A | B |', '|---|---|', '| 1 | 2 |', '| 3 |  |'])

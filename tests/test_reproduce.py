@@ -1,5 +1,6 @@
 """reproduce.py's bookkeeping: which runs exist at each scale, and which are finished."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,9 +8,12 @@ import sys
 from absl.testing import parameterized
 import tensorflow as tf
 
+from analysis import claims
 from analysis import reproduce
 from cg_tf import config as config_lib
+from cg_tf import train
 from cg_tf import workdir
+from tests import test_train
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +24,9 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters(['--seeds=0'], ['--parallel=0'], ['--experiments=label_noise,typo'],
                             ['--data_dir=/nonexistent/mnist'], ['--out=/proc/cg_tf_repro'],
                             ['--shard=3/2'], ['--shard=1'], ['--devices=0,x'],
-                            ['--devices=0,1', '--parallel=3'], ['--only=no_such_run'])
+                            ['--devices=0,1', '--parallel=3'], ['--only=no_such_run'],
+                            ['--compare_with=/nonexistent/REPORT.md'],
+                            ['--report_dir=/proc/cg_tf_report'])
   def test_bad_input_is_one_line_and_exit_2(self, *bad_flags):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
                              *bad_flags, '--list'], cwd=self.create_tempdir().full_path, capture_output=True,
@@ -115,3 +121,53 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
       self.assertIn('run.py --flagfile=flags/', line)
       self.assertRegex(line, r'--logdir=\S+/runs/(label_noise|winsorized)/')
     self.assertFalse(os.path.exists(os.path.join(out, 'runs')))
+
+  def test_list_into_a_closed_pipe_is_quiet(self):
+    result = subprocess.run(f'{sys.executable} analysis/reproduce.py --scale=full --list | head -1',
+                            shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    self.assertLen(result.stdout.splitlines(), 1)
+    self.assertNotIn('Traceback', result.stderr)
+
+
+class PartialReportTest(tf.test.TestCase):
+  """--report_only on an OUT where some full-scale runs are finished: tiny real runs stand in."""
+
+  def test_report_from_finished_runs_only(self):
+    out = self.create_tempdir().full_path
+    dataset = test_train.separable_dataset(num_train=100)
+    # The 100% noise row of Figure 4 finished, one cell of the 50% row unfinished.
+    for c in reproduce.CS:
+      train.train_and_evaluate(test_train.tiny_config(noise=1.0, winsor_c=c, steps=20),
+                               os.path.join(out, 'runs', f'winsorized/n1_c{c}'), dataset)
+    unfinished = os.path.join(out, 'runs', 'winsorized/n0.5_c2')
+    train.train_and_evaluate(test_train.tiny_config(noise=0.5, winsor_c=2, steps=10), unfinished,
+                             dataset)
+    # As if killed at step 10 of 20.
+    longer = dataclasses.replace(workdir.read_config(unfinished), steps=20)
+    with open(os.path.join(unfinished, workdir.CONFIG_FILE), 'w') as f:
+      f.write(longer.to_json())
+    compared = self.create_tempfile(content=claims.as_markdown([
+        {'section': '3.3', 'claim': 'c = 8 keeps training accuracy at most proper (100%)',
+         'test': 't', 'measured': 'mini says 0.420', 'verdict': 'FAIL'}]))
+    report_dir = os.path.join(out, 'docs')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
+                             '--scale=full', f'--out={out}', '--report_only',
+                             f'--report_dir={report_dir}',
+                             f'--compare_with={compared.full_path}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn('0 runs trained', result.stdout)
+    self.assertCountEqual(os.listdir(report_dir),
+                          ['REPORT_full.md', 'figure4_full.png', 'figure4_full.pdf'])
+    with open(os.path.join(report_dir, 'REPORT_full.md')) as f:
+      text = f.read()
+    self.assertIn('5 of 30 runs are finished', text)
+    row = next(line for line in text.splitlines()
+               if 'c = 8 keeps training accuracy at most proper (100%)' in line)
+    self.assertIn('mini says 0.420 | FAIL |', row)
+    self.assertRegex(row, r'final train acc \d\.\d+ vs proper 0\.100 \| (PASS|FAIL) \|')
+    waiting = next(line for line in text.splitlines()
+                   if 'c = 2 keeps training accuracy at most proper (50%)' in line)
+    self.assertIn('waiting for winsorized/n0.5_c2 | NOT RUN |', waiting)
+    self.assertIn('not checked', waiting)
+    self.assertIn('![figure4_full.png](figure4_full.png)', text)
