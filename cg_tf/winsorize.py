@@ -12,11 +12,14 @@ sorts every coordinate's batch. The fast exact path needs only the k_high + 1
 largest and k_low + 1 smallest values of each coordinate (k = how many are
 clipped on that side), because for sorted values s_0 <= ... <= s_{B-1},
   sum_e clip(g_e, l, u) = sum_e g_e + sum_{i<k_low} (l - s_i) - sum_{i>B-1-k_high} (s_i - u).
-It keeps them in registers with a min/max insertion network, streaming over the
-examples under XLA; a Dense layer's per-example gradient outer(a_e, delta_e)
-is formed on the fly, so the [batch, fan_in, fan_out] tensor never exists. The
-network treats values as a multiset, so ties need no care. Measured against
-tf.math.top_k by analysis/bench_step.py (README).
+It streams over the examples under XLA, keeping the running extremes sorted:
+for up to 5 a side by inserting one example at a time (a min/max insertion
+network), for more by sorting a chunk of examples with Batcher's odd-even merge
+sort and merging it into the running extremes, which takes fewer min/max
+operations. A Dense layer's per-example gradient outer(a_e, delta_e) is formed
+on the fly, so the [batch, fan_in, fan_out] tensor never exists. Both networks
+only compare and move values, so they return the same bits, and ties need no
+care. Measured against tf.math.top_k by analysis/bench_step.py (README).
 """
 
 from typing import Callable, Optional, Sequence, Tuple
@@ -31,6 +34,12 @@ import tensorflow_probability as tfp
 # 20 ran within 10% of each other in one-off measurements of a 784x256 layer
 # on 2 CPU cores; analysis/bench_step.py measures the whole step.
 CHUNK = 10
+# From this many extremes a side, sorting chunks and merging beats insertion.
+# In whole training steps (analysis/bench_step.py, batch 100, 2 CPU cores)
+# merging made c = 8 (9 a side) 1.25x faster for 3x256 and 1.13x for 1x2048,
+# and c = 4 (5 a side) no faster (1.04x faster and 1.06x slower); a lone 784x256
+# layer ran c = 4 1.8x faster, so the gain depends on the layer shape.
+MERGE_FROM = 6
 
 
 def nearest_ranks(c: float, batch: int) -> Tuple[int, int]:
@@ -65,6 +74,46 @@ def _insert(largest: Sequence[tf.Tensor], smallest: Sequence[tf.Tensor], x: tf.T
   return tuple(largest), tuple(smallest)
 
 
+def _compare(x, y, better, worse):
+  """A comparator of a sorting network; None is a sentinel worse than any value."""
+  if x is None:
+    return y, None
+  if y is None:
+    return x, None
+  return better(x, y), worse(x, y)
+
+
+def _merge(x: Sequence, y: Sequence, better, worse) -> list:
+  """Batcher's odd-even merge of two best-first lists, of any lengths.
+
+  `better` and `worse` are tf.maximum and tf.minimum for descending order (or
+  the reverse); entries may be None, a sentinel worse than any value. Outputs
+  that the caller drops are pruned by XLA, so truncating the result to its
+  first n costs only the comparators those n need.
+  """
+  if not x:
+    return list(y)
+  if not y:
+    return list(x)
+  if len(x) == 1 and len(y) == 1:
+    return list(_compare(x[0], y[0], better, worse))
+  even = _merge(x[0::2], y[0::2], better, worse)
+  odd = _merge(x[1::2], y[1::2], better, worse)
+  merged = [even[0]]
+  for k, value in enumerate(odd):
+    merged += _compare(value, even[k + 1], better, worse) if k + 1 < len(even) else [value]
+  return merged + even[len(odd) + 1:]
+
+
+def _sort(values: Sequence, better, worse) -> list:
+  """Batcher's odd-even merge sort, best first."""
+  if len(values) <= 1:
+    return list(values)
+  half = len(values) // 2
+  return _merge(_sort(values[:half], better, worse), _sort(values[half:], better, worse), better,
+                worse)
+
+
 def _extremes(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape, num_largest: int,
               num_smallest: int) -> Tuple[Tuple[tf.Tensor, ...], Tuple[tf.Tensor, ...]]:
   """The `num_largest` largest and `num_smallest` smallest of example(0..batch-1), coordinatewise.
@@ -73,11 +122,18 @@ def _extremes(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape, num_
     example: e (an int32 scalar tensor) -> that example's values, [*shape].
     batch: number of examples.
     shape: shape of one example's values.
-    num_largest, num_smallest: how many extremes to keep a side.
+    num_largest, num_smallest: how many extremes to keep a side (at most batch).
 
   Returns:
     (largest, descending; smallest, ascending): tuples of [*shape] tensors.
   """
+  if max(num_largest, num_smallest) >= MERGE_FROM:
+    return _extremes_by_merging(example, batch, shape, num_largest, num_smallest)
+  return _extremes_by_insertion(example, batch, shape, num_largest, num_smallest)
+
+
+def _extremes_by_insertion(example, batch, shape, num_largest, num_smallest):
+  """_extremes, inserting one example at a time."""
   largest = tuple(tf.fill(shape, -np.inf) for _ in range(num_largest))
   smallest = tuple(tf.fill(shape, np.inf) for _ in range(num_smallest))
 
@@ -93,6 +149,37 @@ def _extremes(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape, num_
   _, largest, smallest = tf.while_loop(lambda i, *_: i < num_chunks, body,
                                        (tf.constant(0), largest, smallest))
   return insert_chunk(tf.constant(num_chunks * CHUNK), largest, smallest, batch % CHUNK)
+
+
+def _extremes_by_merging(example, batch, shape, num_largest, num_smallest):
+  """_extremes, sorting CHUNK examples at a time and merging them into the running extremes."""
+
+  def merge_chunk(first, size, largest, smallest):
+    descending = _sort([example(first + k) for k in range(size)], tf.maximum, tf.minimum)
+    return (_merge(largest, descending, tf.maximum, tf.minimum)[:num_largest],
+            _merge(smallest, descending[::-1], tf.minimum, tf.maximum)[:num_smallest])
+
+  def filled(values, count, sentinel):
+    values = list(values) + [None] * (count - len(values))
+    return tuple(tf.fill(shape, sentinel) if v is None else v for v in values)
+
+  # The first chunk needs no sentinels: it starts the running extremes.
+  first_size = min(CHUNK, batch)
+  largest, smallest = merge_chunk(tf.constant(0), first_size, [], [])
+  largest, smallest = filled(largest, num_largest, -np.inf), filled(smallest, num_smallest, np.inf)
+
+  def body(i, largest, smallest):
+    largest, smallest = merge_chunk(first_size + i * CHUNK, CHUNK, largest, smallest)
+    return i + 1, tuple(largest), tuple(smallest)
+
+  num_chunks = (batch - first_size) // CHUNK
+  if num_chunks:
+    _, largest, smallest = tf.while_loop(lambda i, *_: i < num_chunks, body,
+                                         (tf.constant(0), largest, smallest))
+  rest = batch - first_size - num_chunks * CHUNK
+  if rest:
+    largest, smallest = merge_chunk(tf.constant(batch - rest), rest, largest, smallest)
+  return tuple(largest), tuple(smallest)
 
 
 def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,

@@ -1,5 +1,6 @@
 """Winsorized sums against np.percentile(method='nearest') in float64."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -76,6 +77,47 @@ class WinsorizeTest(parameterized.TestCase, tf.test.TestCase):
     ranks = tf.range(batch, dtype=tf.float32)
     low, high = tfp.stats.percentile(ranks, [c, 100 - c], interpolation='nearest').numpy()
     self.assertEqual(winsorize.nearest_ranks(c, batch), (int(low), int(high)))
+
+
+class NetworkTest(parameterized.TestCase, tf.test.TestCase):
+  """The sorting and merging networks of the fast path (winsorize._sort, _merge)."""
+
+  def test_sort_sorts_every_zero_one_input(self):
+    # The 0-1 principle: a comparator network that sorts every 0/1 input sorts every input.
+    for size in range(1, 13):
+      for bits in itertools.product((0, 1), repeat=size):
+        self.assertEqual(winsorize._sort(list(bits), max, min), sorted(bits, reverse=True))
+
+  def test_merge_merges_every_zero_one_pair_of_any_lengths(self):
+    for size_x, size_y in itertools.product(range(11), repeat=2):
+      for ones_x, ones_y in itertools.product(range(size_x + 1), range(size_y + 1)):
+        x = [1] * ones_x + [0] * (size_x - ones_x)
+        y = [1] * ones_y + [0] * (size_y - ones_y)
+        self.assertEqual(winsorize._merge(x, y, max, min), sorted(x + y, reverse=True))
+        # Ascending order with min as `better`, as the smallest side uses it.
+        self.assertEqual(winsorize._merge(x[::-1], y[::-1], min, max), sorted(x + y))
+
+  def test_none_is_a_sentinel_worse_than_any_value(self):
+    self.assertEqual(winsorize._merge([5, None, None], [7, 1], max, min)[:3], [7, 5, 1])
+    self.assertEqual(winsorize._merge([None], [None], max, min), [None, None])
+
+  @parameterized.product(batch=[1, 9, 11, 23, 100], kind=['ties', 'sparse'])
+  def test_merging_and_insertion_give_the_same_bits(self, batch, kind):
+    values = tf.constant(fresh_values(kind, batch, (7, 3), seed=batch))
+    # Every example kept (batch, batch) only for small batches: it compiles slowly.
+    sizes = {(1, 4), (5, 5), (9, 9), (12, 7)} | (
+        {(batch, batch), (batch, 1)} if batch <= 11 else set())
+    for num_largest, num_smallest in sorted(sizes):
+      if max(num_largest, num_smallest) > batch:
+        continue
+      by_merging, by_insertion = (
+          tf.function(lambda f=f: f(lambda e: values[e], batch, [7, 3], num_largest,
+                                    num_smallest), jit_compile=True)()
+          for f in (winsorize._extremes_by_merging, winsorize._extremes_by_insertion))
+      for merged, inserted in zip(by_merging, by_insertion):
+        for x, y in zip(merged, inserted):
+          self.assertAllEqual(x, y, msg=f'{num_largest}, {num_smallest}')
+      self.assertEqual([len(side) for side in by_merging], [num_largest, num_smallest])
 
 
 class AuthorsRuleTest(tf.test.TestCase):
