@@ -41,8 +41,9 @@ flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
 flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
 PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized')
 # Not in the paper, so not run by default: coherence measured directly
-# (docs/coherence.md) and the aggregator comparison (docs/aggregators.md).
-EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators')
+# (docs/coherence.md) and the aggregator comparison (docs/aggregators.md), on
+# 12,000 examples and, for the cheap rules, on all 60,000 (aggregators_60k).
+EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators', 'aggregators_60k')
 flags.DEFINE_list('experiments', list(PAPER_EXPERIMENTS), 'Which experiments to run: '
                   f'some of {", ".join(EXPERIMENTS)}.')
 flags.DEFINE_list('only', [], 'Run only the runs whose name matches one of these shell '
@@ -84,6 +85,11 @@ AGGREGATOR_GRID = (
     *((f'dp_C1_sigma{s:g}', ['--aggregator=dp', '--clip_norm=1', f'--noise_multiplier={s}'])
       for s in (0.5, 1.0)),
 )
+# The rules cheap enough to run on the whole training set (at most ~3x an SGD
+# step; docs/aggregators.md), in the Figure 4 set-up, whose winsorized runs
+# (c = 0, plain SGD, to 8) complete the comparison.
+CHEAP_AGGREGATORS = ('trimmed_mean_k1', 'm3', 'rm3', 'ra3', 'l2clip_C1', 'l2clip_C10',
+                     'dp_C1_sigma0.5', 'dp_C1_sigma1')
 
 
 def label_noise_levels(experiments):
@@ -122,6 +128,11 @@ def run_specs(scale, seeds, experiments):
       specs += [(f'aggregators/n{n:g}_{label}{tag}',
                  [f'--flagfile=flags/aggregators{suffix}.cfg', f'--noise={n}', *args, *seeding])
                 for n in AGGREGATOR_NOISES for label, args in AGGREGATOR_GRID]
+    if 'aggregators_60k' in experiments:
+      specs += [(f'aggregators_60k/n{n:g}_{label}{tag}',
+                 [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', *args, *seeding])
+                for n in AGGREGATOR_NOISES for label, args in AGGREGATOR_GRID
+                if label in CHEAP_AGGREGATORS]
     if 'winsorized' in experiments:
       specs += [(f'winsorized/n{n:g}_c{c}{tag}',
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
@@ -259,6 +270,13 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
                              for label, _ in AGGREGATOR_GRID),
                     [f'--out={report_dir}/aggregators.png',
                      f'--report={report_dir}/AGGREGATORS.md']))
+  if 'aggregators_60k' in experiments:
+    scripts.append(('aggregators_60k.png', 'aggregators.py',
+                    finished([f'winsorized/n{n:g}_c{c}' for n in AGGREGATOR_NOISES for c in CS] +
+                             [f'aggregators_60k/n{n:g}_{label}' for n in AGGREGATOR_NOISES
+                              for label in CHEAP_AGGREGATORS]),
+                    [f'--out={report_dir}/aggregators_60k.png',
+                     f'--report={report_dir}/AGGREGATORS_60k.md']))
   drawn = []
   for figure, script, run_dirs, args in scripts:
     if not run_dirs:
@@ -451,13 +469,16 @@ def main(argv):
     sys.exit(1)
   missing = unfinished(specs, FLAGS.out)
   if missing:
-    print(f'{len(missing)} of {len(specs)} runs are not finished yet: the figures leave them out '
-          'and the report marks the checks that need them NOT RUN')
+    print(f'{len(missing)} of {len(specs)} runs are not finished yet: the figures and tables '
+          'leave them out' + (', and the report marks the checks that need them NOT RUN'
+                              if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS) else ''))
   figures = draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments, report_dir, FLAGS.scale)
   if 'coherence' in FLAGS.experiments:
     print(f'coherence findings: {report_dir}/COHERENCE.md')
   if 'aggregators' in FLAGS.experiments:
     print(f'aggregator comparison: {report_dir}/AGGREGATORS.md')
+  if 'aggregators_60k' in FLAGS.experiments:
+    print(f'aggregator comparison on every example: {report_dir}/AGGREGATORS_60k.md')
   if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS):
     print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, report_dir,
                        [f for f in figures if f.startswith('figure')], len(specs) - len(missing),

@@ -57,7 +57,14 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_coherence_and_aggregator_specs_are_opt_in(self):
     default = reproduce.run_specs('mini', 1, list(reproduce.PAPER_EXPERIMENTS))
-    self.assertFalse([n for n, _ in default if n.startswith(('coherence/', 'aggregators/'))])
+    self.assertFalse([n for n, _ in default if n.startswith(('coherence/', 'aggregators'))])
+    every_example = dict(reproduce.run_specs('full', 1, ['aggregators_60k']))
+    self.assertLen(every_example, 3 * len(reproduce.CHEAP_AGGREGATORS))
+    self.assertEqual(every_example['aggregators_60k/n1_dp_C1_sigma0.5'],
+                     ['--flagfile=flags/winsorized.cfg', '--noise=1.0', '--aggregator=dp',
+                      '--clip_norm=1', '--noise_multiplier=0.5', '--seed=0', '--noise_seed=0'])
+    self.assertLessEqual(set(reproduce.CHEAP_AGGREGATORS),
+                         {label for label, _ in reproduce.AGGREGATOR_GRID})
     coherence = dict(reproduce.run_specs('full', 1, ['coherence']))
     self.assertEqual(sorted(coherence), sorted(f'coherence/noise{n:g}' for n in reproduce.NOISES))
     self.assertIn('--flagfile=flags/coherence.cfg', coherence['coherence/noise0.5'])
