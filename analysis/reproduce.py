@@ -376,7 +376,7 @@ def machine():
 
 
 def write_report(out, seeds, experiments, scale, report_dir, figures, finished, total,
-                 compare_with=None):
+                 compare_with=None, compare_name='compared report'):
   """Writes REPORT.md (mini) or REPORT_full.md (full) into `report_dir` and returns its text.
 
   Args:
@@ -384,6 +384,7 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
     finished, total: how many of the runs are finished, of how many.
     compare_with: another report's text (e.g. the mini one); its measurement
       and verdict of each claim are shown beside this one's.
+    compare_name: what to call that report in the column headers.
   """
   per_seed = [checks_for_seed(out, seed_suffix(s), experiments) for s in range(seeds)]
   other = claims.read_markdown(compare_with) if compare_with else None
@@ -401,8 +402,8 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
   columns = claims.COLUMNS
   if other is not None:
     columns = (*columns[:3], ('measured', f'measured ({scale})'), ('verdict', f'verdict ({scale})'),
-               ('other_measured', 'measured (compared report)'),
-               ('other_verdict', 'verdict (compared report)'))
+               ('other_measured', f'measured ({compare_name})'),
+               ('other_verdict', f'verdict ({compare_name})'))
   checked = [verdict for verdict in per_seed[0].values() if verdict.passed is not None]
   waiting = len(per_seed[0]) - len(checked)
   name = 'REPORT_full.md' if scale == 'full' else 'REPORT.md'
@@ -482,7 +483,7 @@ def main(argv):
   if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS):
     print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, report_dir,
                        [f for f in figures if f.startswith('figure')], len(specs) - len(missing),
-                       len(specs), compare_with))
+                       len(specs), compare_with, FLAGS.compare_with))
   print(f'{ran} runs trained, figures and report drawn in {(time.time() - start) / 60:.1f} min')
 
 

@@ -169,6 +169,7 @@ class PartialReportTest(tf.test.TestCase):
     with open(os.path.join(report_dir, 'REPORT_full.md')) as f:
       text = f.read()
     self.assertIn('5 of 30 runs are finished', text)
+    self.assertIn(f'| verdict (full) | measured ({compared.full_path}) |', text)
     row = next(line for line in text.splitlines()
                if 'c = 8 keeps training accuracy at most proper (100%)' in line)
     self.assertIn('mini says 0.420 | FAIL |', row)
