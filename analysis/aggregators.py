@@ -36,15 +36,23 @@ flags.DEFINE_string('report', None, 'Also write the table to this markdown file.
 FLAGS = flags.FLAGS
 
 
+# §3.1's learning rate; a run at another one is labelled with it.
+PAPER_LEARNING_RATE = 0.1
+
+
 def setting(config):
   """The aggregator and its own setting in words, e.g. 'trimmed_mean k=2'."""
   rule = config.aggregator
   if rule == 'winsorize':
-    return 'mean (SGD)' if config.winsor_c == 0 else f'winsorize c={config.winsor_c:g}'
-  return {'trimmed_mean': f'trimmed_mean k={config.trim_k}',
-          'l2clip': f'l2clip C={config.clip_norm:g}',
-          'dp': f'dp C={config.clip_norm:g} σ={config.noise_multiplier:g}',
-          'mean': 'mean (SGD)'}.get(rule, rule)
+    text = 'mean (SGD)' if config.winsor_c == 0 else f'winsorize c={config.winsor_c:g}'
+  else:
+    text = {'trimmed_mean': f'trimmed_mean k={config.trim_k}',
+            'l2clip': f'l2clip C={config.clip_norm:g}',
+            'dp': f'dp C={config.clip_norm:g} σ={config.noise_multiplier:g}',
+            'mean': 'mean (SGD)'}.get(rule, rule)
+  if config.learning_rate != PAPER_LEARNING_RATE:
+    text += f' lr={config.learning_rate:g}'
+  return text
 
 
 # Table and figure order: plain SGD, the per-coordinate rules, then clipping and DP.
@@ -55,7 +63,7 @@ def order(config):
   """Sort key of a run's aggregator and setting."""
   rule = 'mean' if config.aggregator == 'winsorize' and config.winsor_c == 0 else config.aggregator
   return (ORDER.index(rule), config.winsor_c, config.trim_k, config.clip_norm,
-          config.noise_multiplier)
+          config.noise_multiplier, -config.learning_rate)
 
 
 def row(run_dir):

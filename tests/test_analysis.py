@@ -8,7 +8,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from analysis import aggregators
 from cg_tf import train
+from cg_tf.config import Config
 from cg_tf import workdir
 from tests import test_train
 
@@ -165,6 +167,20 @@ class BadRunsTest(parameterized.TestCase):
     self.assertLen(lines, 1, result.stderr)
     self.assertStartsWith(lines[0], f'{script}: error: ')
     self.assertIn(message, lines[0])
+
+
+class AggregatorLabelTest(absltest.TestCase):
+
+  def test_labels_name_the_setting_and_any_other_learning_rate(self):
+    self.assertEqual(aggregators.setting(Config()), 'mean (SGD)')
+    self.assertEqual(aggregators.setting(Config(learning_rate=0.005)), 'mean (SGD) lr=0.005')
+    self.assertEqual(aggregators.setting(Config(aggregator='dp', clip_norm=1.0,
+                                                noise_multiplier=0.5)), 'dp C=1 σ=0.5')
+    self.assertEqual(aggregators.setting(Config(winsor_c=4)), 'winsorize c=4')
+    # The smaller learning rate is listed after the paper's, the mean before the others.
+    keys = [aggregators.order(Config(**kw)) for kw in
+            ({}, {'learning_rate': 0.01}, {'learning_rate': 0.005}, {'winsor_c': 1})]
+    self.assertEqual(keys, sorted(keys))
 
 
 if __name__ == '__main__':
