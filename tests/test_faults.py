@@ -20,8 +20,10 @@ from tests import test_data
 from tests import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Enough steps that 13 interrupted launches cannot reach the end on an idle
+# machine (3,000 could: the last SIGTERM then landed after training).
 FLAGS = ['--hidden=32', '--batch_size=50', '--eval_every=100', '--checkpoint_every=50',
-         '--eval_batch_size=500', '--noise=0.5', '--steps=3000']
+         '--eval_batch_size=500', '--noise=0.5', '--steps=6000']
 # Metrics that measure the machine, not the run.
 TIMING = ('steps_per_second',)
 
