@@ -92,8 +92,8 @@ AGGREGATOR_GRID = (
 # The rules cheap enough to run on the whole training set (at most ~3x an SGD
 # step; docs/aggregators.md), in the Figure 4 set-up, whose winsorized runs
 # (c = 0, plain SGD, to 8) complete the comparison.
-CHEAP_AGGREGATORS = ('mean_lr0.01', 'mean_lr0.005', 'trimmed_mean_k1', 'm3', 'rm3', 'ra3', 'l2clip_C1', 'l2clip_C10',
-                     'dp_C1_sigma0.5', 'dp_C1_sigma1')
+CHEAP_AGGREGATORS = ('mean_lr0.01', 'mean_lr0.005', 'trimmed_mean_k1', 'm3', 'rm3', 'ra3',
+                     'l2clip_C1', 'l2clip_C10', 'dp_C1_sigma0.5', 'dp_C1_sigma1')
 
 
 def label_noise_levels(experiments):
@@ -324,11 +324,13 @@ def checks_for_seed(out, tag, experiments):
           lambda: claims.time_to_accuracy_grows_with_noise(
               {n: scalars(noise_run(n))['train/accuracy'] for n in NOISES}))
     for n in (0.25, 0.5, 0.75):
+
+      def learned_first(n=n):
+        examples = workdir.read_examples(path(noise_run(n)))
+        return claims.pristine_learned_first(examples['first_learned_step'], examples['corrupt'])
+
       check(('2.3 (2)', f'pristine examples are learned faster than corrupt ({n:.0%})',
-             'median first-learned step'), [noise_run(n)],
-            lambda n=n: claims.pristine_learned_first(
-                *(lambda e: (e['first_learned_step'], e['corrupt']))(
-                    workdir.read_examples(path(noise_run(n))))))
+             'median first-learned step'), [noise_run(n)], learned_first)
     check(('2.3 (3)', 'with fewer pristine examples they are learned more slowly',
            'pristine accuracy, steps 1-10, 0% vs 25%'), [noise_run(0.0), noise_run(0.25)],
           lambda: claims.fewer_pristine_learned_slower(
@@ -344,7 +346,9 @@ def checks_for_seed(out, tag, experiments):
   if 'decomposition' in experiments:
     for n in (0.25, 0.5):
 
+      @functools.lru_cache(maxsize=None)
       def fractions(n=n):
+        """(steps, f) of the decomposition record, read once for both checks."""
         record = workdir.read_measurements(path(noise_run(n)), workdir.DECOMPOSITION_FILE)
         return record['step'], decomposition.fractions(record['inner'])
 
