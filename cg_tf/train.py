@@ -303,19 +303,33 @@ class Experiment:
 
   @tf.function
   def _predict(self, images: tf.Tensor, labels: tf.Tensor):
-    logits = self.model(images)
+    """Per-example loss [n], predicted class [n], and which units of each hidden layer are active.
+
+    The model is applied layer by layer, as keras.Sequential applies it, so
+    that each hidden layer's activations can be seen: the third output holds,
+    per hidden layer, a bool [width] that is True where some image of the
+    batch gives the unit a positive activation.
+    """
+    hidden, active = images, []
+    for layer in self.model.layers[:-1]:
+      hidden = layer(hidden)
+      active.append(tf.reduce_any(hidden > 0, axis=0))
+    logits = self.model.layers[-1](hidden)
     return (gradients.per_example_loss(labels, logits),
-            tf.argmax(logits, axis=-1, output_type=tf.int32))
+            tf.argmax(logits, axis=-1, output_type=tf.int32), active)
 
   def predict(self, images: np.ndarray, labels: np.ndarray):
-    """(per-example loss [n], predicted class [n]) as NumPy, in eval batches."""
-    losses, predictions = [], []
+    """In eval batches, as NumPy: per-example loss [n], predicted class [n],
+    and per hidden layer a bool [width], True where some image activates the unit."""
+    losses, predictions, active = [], [], None
     for start in range(0, len(labels), self.config.eval_batch_size):
       stop = start + self.config.eval_batch_size
-      loss, prediction = self._predict(images[start:stop], labels[start:stop])
+      loss, prediction, batch_active = self._predict(images[start:stop], labels[start:stop])
       losses.append(loss.numpy())
       predictions.append(prediction.numpy())
-    return np.concatenate(losses), np.concatenate(predictions)
+      batch_active = [a.numpy() for a in batch_active]
+      active = batch_active if active is None else [a | b for a, b in zip(active, batch_active)]
+    return np.concatenate(losses), np.concatenate(predictions), active
 
   def evaluate(self) -> Dict[str, float]:
     """Metrics of the current model; updates the per-example learning times.
@@ -323,11 +337,15 @@ class Experiment:
     Returns:
       'split/name' -> value, for the noisy training set, its pristine and
       corrupt parts (against their training labels), the training set against
-      its clean labels, the test set, and the §3.3 overfit.
+      its clean labels, the test set, the §3.3 overfit, and for each hidden
+      layer the fraction of its units that no training image activates
+      ('dead_units/hidden_i'): a ReLU unit that is dead on every example gets
+      no gradient from any of them, and a dead layer stops all learning below it.
     """
     step, noisy, clean = self.step, self.noisy, self.noisy.data
-    train_loss, train_prediction = self.predict(clean.train_images, noisy.train_labels)
-    test_loss, test_prediction = self.predict(clean.test_images, clean.test_labels)
+    train_loss, train_prediction, train_active = self.predict(clean.train_images,
+                                                              noisy.train_labels)
+    test_loss, test_prediction, _ = self.predict(clean.test_images, clean.test_labels)
     fitted = train_prediction == noisy.train_labels
     corrupt = noisy.corrupt
     metrics = {'train/loss': train_loss.mean(), 'train/accuracy': fitted.mean(),
@@ -338,6 +356,8 @@ class Experiment:
       if mask.any():
         metrics[f'{split}/loss'] = train_loss[mask].mean()
         metrics[f'{split}/accuracy'] = fitted[mask].mean()
+    for layer, active in zip(self.model.layers, train_active):
+      metrics[f'dead_units/{layer.name}'] = 1.0 - active.mean()
     if self.config.aggregator == 'dp':
       metrics['dp/epsilon'] = aggregators.dp_epsilon(
           self.noisy.num_train, self.batch_size, step, self.config.noise_multiplier,

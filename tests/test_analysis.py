@@ -10,6 +10,7 @@ import numpy as np
 
 from cg_tf import train
 from cg_tf import workdir
+from tests import test_data
 from tests import test_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +141,37 @@ class AnalysisTest(absltest.TestCase):
     self.assertEqual(result.returncode, 2)
     self.assertIn('was not run with --coherence_every and --forgetting',
                   result.stderr.strip().splitlines()[-1])
+
+
+class DeadUnitsTest(absltest.TestCase):
+
+  def test_restores_the_run_and_counts_what_it_logged(self):
+    # The script rebuilds the training set from the run's config and restores
+    # its last checkpoint: its training accuracy must be the one the run
+    # logged, and its dead units the logged fractions times the widths.
+    data_dir = test_data.fake_mnist_dir('dead_units', num_train=300)
+    run_dir = self.create_tempdir().full_path
+    config = test_train.tiny_config(hidden=(32, 8), noise=0.5, steps=40, data_dir=data_dir,
+                                    learning_rate=0.5)
+    metrics = train.train_and_evaluate(config, run_dir)
+    table = run_script('dead_units.py', f'--runs={run_dir}')
+    row = row_for(table, f'| {run_dir} |').split('|')
+    self.assertEqual(int(row[2]), 40)
+    self.assertAlmostEqual(float(row[3]), metrics['train/accuracy'], delta=5e-5)
+    self.assertEqual(row[4].strip(), '%d of 32, %d of 8' % (
+        round(32 * metrics['dead_units/hidden_1']), round(8 * metrics['dead_units/hidden_2'])))
+
+  def test_a_run_without_checkpoints_is_one_line_and_exit_2(self):
+    run_dir = self.create_tempdir().full_path
+    workdir.prepare(run_dir, test_train.tiny_config(steps=40))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'dead_units.py'),
+                             f'--runs={run_dir}'], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    self.assertEqual(result.returncode, 2)
+    self.assertEqual(result.stdout, '')
+    lines = result.stderr.strip().splitlines()
+    self.assertLen(lines, 1, result.stderr)
+    self.assertIn('has no checkpoint', lines[0])
 
 
 class BadRunsTest(parameterized.TestCase):

@@ -1,5 +1,6 @@
 """The training loop on tiny synthetic data."""
 
+import dataclasses
 import os
 
 from absl.testing import parameterized
@@ -115,6 +116,38 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     dataset = separable_dataset(num_train=50)
     experiment = train.Experiment(tiny_config(batch_size=0), data.make_noisy(dataset, 0, 0, 0))
     self.assertEqual((experiment.batch_size, experiment.steps_per_epoch), (50, 1))
+
+  def test_dead_units_match_numpy(self):
+    # 200 training images in eval batches of 64, so activity is combined over
+    # 4 batches. In layer 1, unit 0 fires for the last image alone (its only
+    # input is feature 0, which is 1 there and 0 elsewhere), units 1-3 for
+    # none (bias -1000); the rest, and layer 2, are whatever they are.
+    dataset = separable_dataset(num_train=200)
+    images = dataset.train_images.copy()
+    images[:, 0] = 0.0
+    images[-1, 0] = 1.0
+    dataset = dataclasses.replace(dataset, train_images=images)
+    experiment = train.Experiment(tiny_config(hidden=(16, 8)), data.make_noisy(dataset, 0, 0, 0))
+    first = experiment.model.layers[0]
+    kernel, bias = first.kernel.numpy(), first.bias.numpy()
+    kernel[:, 0] = 0.0
+    kernel[0, 0] = 1.0
+    bias[0] = -0.5
+    bias[1:4] = -1000.0
+    first.kernel.assign(kernel)
+    first.bias.assign(bias)
+    metrics = experiment.evaluate()
+
+    hidden, dead = images.astype(np.float64), []
+    for layer in experiment.model.layers[:-1]:
+      hidden = np.maximum(hidden @ layer.kernel.numpy().astype(np.float64) + layer.bias.numpy(), 0)
+      if not dead:
+        self.assertEqual(np.flatnonzero(hidden[:, 0]).tolist(), [199])
+        self.assertFalse(hidden[:, 1:4].any())
+      dead.append(np.all(hidden == 0, axis=0))
+      self.assertEqual(metrics[f'dead_units/{layer.name}'], np.mean(dead[-1]))
+    self.assertFalse(dead[0][0])
+    self.assertTrue(dead[0][1:4].all())
 
   def test_a_logdir_on_another_filesystem(self):
     # TensorFlow's in-memory filesystem stands in for gs://: every file of the
