@@ -26,6 +26,12 @@ and prints ms per step and the ratio to the SGD step; each winsorized method
 gets a row per --c. The last lines are `winsorized/sgd ratio (MODEL, c=C): X`,
 X the fast path's ratio, for each model and c.
 
+With --csv=PATH it also writes the rows that time a training step exactly as
+run.py runs it (sgd, fast and the other aggregators; not the comparison
+methods or the mirrored runs): hidden widths, batch size, the setting as
+analysis/aggregators.py labels it (e.g. `winsorize c=2`, `trimmed_mean k=2`),
+ms per step and the ratio to sgd. analysis/aggregators.py --step_times reads it.
+
 With --cpu_replicas=N it also times sgd and fast under MirroredStrategy over N
 logical CPU devices (`sgd_mirrored`, `fast_mirrored`: every replica computes
 the whole batch, winsorization is split by output columns) beside the
@@ -33,7 +39,9 @@ one-device runs. On a CPU the replicas share the same cores, so this shows
 what the replication costs, not a speed-up.
 """
 
+import csv
 import os
+import platform
 import statistics
 import sys
 import time
@@ -53,6 +61,7 @@ from cg_tf import winsorize  # pylint: disable=g-import-not-at-top,wrong-import-
 from cg_tf import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.config import AGGREGATORS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.config import step_cost_setting  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; random data if unset.')
 flags.DEFINE_list('c', ['2'], 'Winsorization percentiles; each winsorized method gets a row '
@@ -68,9 +77,13 @@ flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference
                               'fast', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp', 'm3',
                               'rm3', 'ra3'],
                   'What to time.')
+flags.DEFINE_string('csv', None, 'Also write the rows that time run.py\'s own training step '
+                    'to this CSV (for analysis/aggregators.py --step_times).')
 flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
                      'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
+# The methods that time the training step exactly as run.py runs it (--csv).
+RUN_PY_STEPS = ('sgd', 'fast', 'trimmed_mean', 'median', 'l2clip', 'dp', 'm3', 'rm3', 'ra3')
 # Timed once, not once per --c.
 UNWINSORIZED = ('sgd', 'sgd_forgetting', 'per_example', 'median', 'l2clip', 'dp', 'm3', 'rm3',
                 'ra3')
@@ -217,8 +230,9 @@ def main(argv):
   device = 'GPU: ' + tf.config.experimental.get_device_details(
       tf.config.list_physical_devices('GPU')[0]).get('device_name', '?') if \
       tf.config.list_physical_devices('GPU') else f'CPU: {os.cpu_count()} cores'
+  machine = f'{platform.machine()} {device}'
   print(f'TensorFlow {tf.__version__}, {device}, batch {FLAGS.batch_size}')
-  ratio_lines = []
+  ratio_lines, csv_rows = [], []
   for spec in FLAGS.model:
     hidden = tuple(int(h) for h in spec.split(','))
     name = ('%dx%d' % (len(hidden), hidden[0]) if len(set(hidden)) == 1 else spec)
@@ -242,9 +256,20 @@ def main(argv):
             f'winsorizes 1/{FLAGS.cpu_replicas} of the columns; the cross-replica sum moves '
             f'{4 * experiments[methods[0]].num_parameters / 1e6:.2f} MB a step, as for '
             'data-parallel SGD)')
+    csv_rows += [{'hidden': ','.join(map(str, hidden)), 'batch_size': FLAGS.batch_size,
+                  'setting': step_cost_setting(experiments[method].config),
+                  'ms_per_step': round(ms[method], 4),
+                  'ratio_to_sgd': round(ms[method] / ms['sgd'], 4),
+                  'machine': machine, 'tensorflow': tf.__version__}
+                 for method in methods if method.partition(' c=')[0] in RUN_PY_STEPS]
     ratio_lines += [f'winsorized/sgd ratio ({name}, c={c:g}): '
                     f'{ms[f"fast c={c:g}"] / ms["sgd"]:.1f}' for c in cs if f'fast c={c:g}' in ms]
   print('\n'.join(ratio_lines))
+  if FLAGS.csv:
+    with open(FLAGS.csv, 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+      writer.writeheader()
+      writer.writerows(csv_rows)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,10 @@ Finished runs are reused, interrupted ones resume from their checkpoints, and
 seed = noise_seed = 0..N-1; the report counts the seeds that agree with each
 claim, and the figures draw the mean over seeds with a min-max band.
 
+The aggregator experiments also time one step of every rule of their grid
+(analysis/bench_step.py, alone, once the runs are done) into OUT/step_times.csv,
+the tables' "step ÷ SGD" column.
+
 §2.4's decomposition only observes training (it changes no numbers), so the
 label-noise runs at 25, 50 and 75% noise record it as they go: Figures 1, 2
 and 3 come from the same 5 runs per seed.
@@ -94,6 +98,12 @@ AGGREGATOR_GRID = (
 # (c = 0, plain SGD, to 8) complete the comparison.
 CHEAP_AGGREGATORS = ('mean_lr0.01', 'mean_lr0.005', 'trimmed_mean_k1', 'm3', 'rm3', 'ra3',
                      'l2clip_C1', 'l2clip_C10', 'dp_C1_sigma0.5', 'dp_C1_sigma1')
+# The aggregator tables' "step ÷ SGD" column: analysis/bench_step.py times
+# run.py's step for every rule of both grids (winsorize to c = 8 for the
+# 60,000-example table) on the grids' network, alone, once the runs are done.
+STEP_TIMES_FILE = 'step_times.csv'
+STEP_TIMES_BENCH = ('--model=256,256,256', '--c=1,2,4,8',
+                    '--methods=sgd,fast,trimmed_mean,median,l2clip,dp,m3,rm3,ra3')
 
 
 def label_noise_levels(experiments):
@@ -233,6 +243,31 @@ def run_all(specs, out, data_dir, parallel, devices=()):
   return len(todo), failed
 
 
+def measure_step_times(out, data_dir):
+  """Writes OUT/step_times.csv by analysis/bench_step.py unless it exists; says where it went.
+
+  A failed benchmark costs the tables their step-time column, not the runs.
+  """
+  path = os.path.join(out, STEP_TIMES_FILE)
+  if os.path.exists(path):
+    return
+  log_path = os.path.join(out, 'logs', 'step_times.log')
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  print(f'timing one step of each aggregator (analysis/bench_step.py, a few minutes): {log_path}',
+        flush=True)
+  line = [sys.executable, os.path.join(ROOT, 'analysis', 'bench_step.py'), *STEP_TIMES_BENCH,
+          f'--csv={path}.tmp']
+  if data_dir:
+    line.append(f'--data_dir={os.path.abspath(data_dir)}')
+  with open(log_path, 'w') as log:
+    code = subprocess.call(line, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  if code:
+    print(f'reproduce.py: warning: the step-time benchmark failed (see {log_path}); the '
+          'aggregator tables go without their step-time column', file=sys.stderr)
+    return
+  os.replace(f'{path}.tmp', path)
+
+
 def figure_name(number, scale):
   """figureN.png at mini scale, figureN_full.png at full scale."""
   return f'figure{number}{"_full" if scale == "full" else ""}.png'
@@ -246,6 +281,8 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
     The file names of the figures drawn.
   """
   runs = os.path.join(out, 'runs')
+  step_times = os.path.join(out, STEP_TIMES_FILE)
+  step_time_args = [f'--step_times={step_times}'] if os.path.exists(step_times) else []
 
   def finished(names):
     return [run_dir for name in names for run_dir in seed_dirs(os.path.join(runs, name), seeds)
@@ -273,14 +310,14 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
                     finished(f'aggregators/n{n:g}_{label}' for n in AGGREGATOR_NOISES
                              for label, _ in AGGREGATOR_GRID),
                     [f'--out={report_dir}/aggregators.png',
-                     f'--report={report_dir}/AGGREGATORS.md']))
+                     f'--report={report_dir}/AGGREGATORS.md', *step_time_args]))
   if 'aggregators_60k' in experiments:
     scripts.append(('aggregators_60k.png', 'aggregators.py',
                     finished([f'winsorized/n{n:g}_c{c}' for n in AGGREGATOR_NOISES for c in CS] +
                              [f'aggregators_60k/n{n:g}_{label}' for n in AGGREGATOR_NOISES
                               for label in CHEAP_AGGREGATORS]),
                     [f'--out={report_dir}/aggregators_60k.png',
-                     f'--report={report_dir}/AGGREGATORS_60k.md']))
+                     f'--report={report_dir}/AGGREGATORS_60k.md', *step_time_args]))
   drawn = []
   for figure, script, run_dirs, args in scripts:
     if not run_dirs:
@@ -476,6 +513,8 @@ def main(argv):
     print(f'reproduce.py: error: {len(failed)} runs failed ({", ".join(failed)}); see '
           f'{FLAGS.out}/logs/ and rerun to resume', file=sys.stderr)
     sys.exit(1)
+  if not FLAGS.report_only and any(name.startswith('aggregators') for name, _ in chosen):
+    measure_step_times(FLAGS.out, FLAGS.data_dir)
   missing = unfinished(specs, FLAGS.out)
   if missing:
     print(f'{len(missing)} of {len(specs)} runs are not finished yet: the figures and tables '

@@ -15,6 +15,8 @@ WINSOR_IMPLS = ('fast', 'reference')
 PER_EXAMPLE_AGGREGATORS = ('winsorize', 'trimmed_mean', 'median', 'l2clip', 'dp')
 OVER_MINIBATCHES = ('m3', 'rm3', 'ra3')
 AGGREGATORS = ('mean', *PER_EXAMPLE_AGGREGATORS, *OVER_MINIBATCHES)
+# §3.1's learning rate; a setting at another one is labelled with it.
+PAPER_LEARNING_RATE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +165,31 @@ class Config:
   @classmethod
   def from_json(cls, text: str) -> 'Config':
     return cls(**json.loads(text))
+
+
+def describe_aggregator(config: Config) -> str:
+  """The aggregator and its own setting in words, e.g. 'trimmed_mean k=2', as tables show it."""
+  rule = config.aggregator
+  if rule == 'winsorize':
+    text = 'mean (SGD)' if config.winsor_c == 0 else f'winsorize c={config.winsor_c:g}'
+  else:
+    text = {'trimmed_mean': f'trimmed_mean k={config.trim_k}',
+            'l2clip': f'l2clip C={config.clip_norm:g}',
+            'dp': f'dp C={config.clip_norm:g} σ={config.noise_multiplier:g}',
+            'mean': 'mean (SGD)'}.get(rule, rule)
+  if config.learning_rate != PAPER_LEARNING_RATE:
+    text += f' lr={config.learning_rate:g}'
+  return text
+
+
+def step_cost_setting(config: Config) -> str:
+  """describe_aggregator of the setting whose training step does the same work as `config`'s.
+
+  The learning rate, the clip norm C and the noise multiplier σ change the
+  numbers but not the work, so they are set to what analysis/bench_step.py
+  times (lr 0.1, C = 1, σ = 1): 'l2clip C=10' costs what 'l2clip C=1' does.
+  """
+  clipping = config.aggregator in ('l2clip', 'dp')
+  return describe_aggregator(dataclasses.replace(
+      config, learning_rate=PAPER_LEARNING_RATE, clip_norm=1.0 if clipping else config.clip_norm,
+      noise_multiplier=1.0 if config.aggregator == 'dp' else config.noise_multiplier))

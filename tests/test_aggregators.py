@@ -8,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf import aggregators
+from cg_tf import config as config_lib
 from cg_tf import data
 from cg_tf import train
 from cg_tf import winsorize
@@ -223,3 +224,20 @@ class SettingsTest(parameterized.TestCase):
   def test_bad_settings_are_refused_in_one_line(self, settings, message):
     with self.assertRaisesRegex(UserInputError, re.escape(message)):
       test_train.tiny_config(**settings)
+
+  @parameterized.parameters(
+      ({}, 'mean (SGD)', 'mean (SGD)'),
+      ({'learning_rate': 0.01}, 'mean (SGD) lr=0.01', 'mean (SGD)'),
+      ({'aggregator': 'mean', 'learning_rate': 0.005}, 'mean (SGD) lr=0.005', 'mean (SGD)'),
+      ({'winsor_c': 2.0}, 'winsorize c=2', 'winsorize c=2'),
+      ({'aggregator': 'trimmed_mean', 'trim_k': 4}, 'trimmed_mean k=4', 'trimmed_mean k=4'),
+      ({'aggregator': 'l2clip', 'clip_norm': 10.0}, 'l2clip C=10', 'l2clip C=1'),
+      ({'aggregator': 'dp', 'clip_norm': 1.0, 'noise_multiplier': 0.5}, 'dp C=1 σ=0.5',
+       'dp C=1 σ=1'),
+      ({'aggregator': 'rm3', 'learning_rate': 0.05}, 'rm3 lr=0.05', 'rm3'),
+  )
+  def test_settings_are_named_and_share_the_step_time_of_what_does_the_same_work(
+      self, settings, name, cost_name):
+    config = test_train.tiny_config(**settings)
+    self.assertEqual(config_lib.describe_aggregator(config), name)
+    self.assertEqual(config_lib.step_cost_setting(config), cost_name)

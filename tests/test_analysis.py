@@ -119,20 +119,48 @@ class AnalysisTest(absltest.TestCase):
 
   def test_aggregators(self):
     out = os.path.join(self.root, 'figs', 'aggregators.png')
+    # As bench_step.py --csv writes it: the step-time column matches a run by its
+    # model, batch size and the setting that does the same work.
+    step_times = os.path.join(self.root, 'step_times.csv')
+    with open(step_times, 'w') as f:
+      f.write('hidden,batch_size,setting,ms_per_step,ratio_to_sgd\n'
+              '16,20,mean (SGD),1.0,1.0\n16,20,trimmed_mean k=2,4.2,4.2\n'
+              '16,20,dp C=1 σ=1,2.5,2.5\n256,20,rm3,3.0,3.0\n16,100,rm3,3.5,3.5\n')
     table = run_script('aggregators.py', f'--runs={",".join(self.aggregator_runs)}',
-                       f'--out={out}')
+                       f'--out={out}', f'--step_times={step_times}')
     self.assertTrue(os.path.getsize(out) > 10_000)
     dp = row_for(table, '| 50% | dp C=1 σ=1 |').split('|')
     metrics = workdir.read_scalars(self.aggregator_runs[1]).ffill().iloc[-1]
     self.assertAlmostEqual(float(dp[3]), metrics['test/accuracy'], delta=5e-4)
     self.assertIn(f'({metrics["dp/epsilon"]:.3g}, 1e-05)', dp[9])
-    self.assertIn('| 50% | trimmed_mean k=2 |', table)
+    self.assertEqual(dp[10].strip(), '2.5')
+    self.assertEqual(row_for(table, '| 50% | trimmed_mean k=2 |').split('|')[10].strip(), '4.2')
     rm3 = row_for(table, '| 100% | rm3 |').split('|')
     self.assertEqual(float(rm3[6]), 0.1)  # the proper accuracy at 100% noise
     self.assertEqual(rm3[9].strip(), '–')
-    # A learning rate other than the paper's 0.1 is part of the label; SGD comes first.
-    self.assertIn('| 100% | mean (SGD) lr=0.05 |', table)
+    self.assertEqual(rm3[10].strip(), '–')  # timed only for other models and batch sizes
+    # A learning rate other than the paper's 0.1 is part of the label, not of the
+    # step time; SGD comes first.
+    sgd = row_for(table, '| 100% | mean (SGD) lr=0.05 |').split('|')
+    self.assertEqual(sgd[10].strip(), '1.0')
     self.assertLess(table.index('| 100% | mean (SGD) lr=0.05 |'), table.index('| 100% | rm3 |'))
+
+  def test_unreadable_step_times_are_one_line_and_exit_2(self):
+    not_a_table = os.path.join(self.root, 'not_step_times.csv')
+    with open(not_a_table, 'w') as f:
+      f.write('model,ms\n3x256,1.0\n')
+    for path, message in ((os.path.join(self.root, 'nope.csv'), 'cannot be read'),
+                          (not_a_table, 'lacks the columns batch_size, hidden, ratio_to_sgd, '
+                                        'setting')):
+      result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'aggregators.py'),
+                               f'--runs={self.aggregator_runs[0]}', f'--step_times={path}',
+                               f'--out={self.root}/a.png'],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+      self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+      lines = result.stderr.strip().splitlines()
+      self.assertLen(lines, 1, result.stderr)
+      self.assertStartsWith(lines[0], 'aggregators.py: error: --step_times=')
+      self.assertIn(message, lines[0])
 
   def test_coherence_refuses_runs_without_the_measurements(self):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'coherence.py'),

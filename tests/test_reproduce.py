@@ -1,9 +1,11 @@
 """reproduce.py's bookkeeping: which runs exist at each scale, and which are finished."""
 
+import csv
 import dataclasses
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from absl.testing import parameterized
 import tensorflow as tf
@@ -179,3 +181,45 @@ class PartialReportTest(tf.test.TestCase):
     self.assertIn('waiting for winsorized/n0.5_c2 | NOT RUN |', waiting)
     self.assertIn('not checked', waiting)
     self.assertIn('![figure4_full.png](figure4_full.png)', text)
+
+
+class StepTimesTest(tf.test.TestCase):
+  """The aggregator tables' step-time column: bench_step.py --csv, run by reproduce.py."""
+
+  def test_bench_writes_run_py_steps_and_the_tables_show_them(self):
+    out = self.create_tempdir().full_path
+    # A tiny benchmark of the tiny runs' model; `authors` is a comparison method,
+    # not run.py's step, so it is timed but not written.
+    tiny_bench = ('--model=16', '--batch_size=20', '--c=10', '--seconds=0.02', '--rounds=1',
+                  '--methods=sgd,fast,trimmed_mean,l2clip,authors')
+    with mock.patch.object(reproduce, 'STEP_TIMES_BENCH', tiny_bench):
+      reproduce.measure_step_times(out, None)
+    with open(os.path.join(out, reproduce.STEP_TIMES_FILE)) as f:
+      rows = list(csv.DictReader(f))
+    self.assertEqual([r['setting'] for r in rows],
+                     ['mean (SGD)', 'winsorize c=10', 'trimmed_mean k=2', 'l2clip C=1'])
+    self.assertEqual({(r['hidden'], r['batch_size']) for r in rows}, {('16', '20')})
+    self.assertEqual(float(rows[0]['ratio_to_sgd']), 1.0)
+    for r in rows:  # ms are written to 4 decimals
+      ratio = float(r['ms_per_step']) / float(rows[0]['ms_per_step'])
+      self.assertAlmostEqual(float(r['ratio_to_sgd']), ratio, delta=1e-2 * ratio)
+    # l2clip at C = 10 shares the measured step of C = 1.
+    run_dir = os.path.join(out, 'runs', 'aggregators', 'n0.5_l2clip_C10')
+    train.train_and_evaluate(
+        test_train.tiny_config(noise=0.5, aggregator='l2clip', clip_norm=10.0, steps=20), run_dir,
+        test_train.separable_dataset(num_train=100))
+    report_dir = os.path.join(out, 'docs')
+    os.makedirs(report_dir)
+    self.assertEqual(reproduce.draw_figures(out, 1, ['aggregators'], report_dir, 'mini'),
+                     ['aggregators.png'])
+    with open(os.path.join(report_dir, 'AGGREGATORS.md')) as f:
+      row = next(line for line in f if line.startswith('| 50% | l2clip C=10 |'))
+    self.assertEqual(row.split('|')[10].strip(), f'{float(rows[3]["ratio_to_sgd"]):.1f}')
+
+  def test_a_failed_bench_costs_the_column_not_the_runs(self):
+    out = self.create_tempdir().full_path
+    with mock.patch.object(reproduce, 'STEP_TIMES_BENCH', ('--c=60',)):
+      reproduce.measure_step_times(out, None)
+    self.assertFalse(os.path.exists(os.path.join(out, reproduce.STEP_TIMES_FILE)))
+    with open(os.path.join(out, 'logs', 'step_times.log')) as f:
+      self.assertIn('must be numbers in (0, 50)', f.read())
