@@ -38,8 +38,8 @@ from cg_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wr
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories, e.g. results/aggregators/runs/aggregators/*.')
-flags.DEFINE_string('out', 'aggregators.png', 'Output PNG; a PDF is written beside it.')
-flags.DEFINE_string('report', None, 'Also write the table to this markdown file.')
+cli.define_output('out', 'aggregators.png', 'Output PNG; a PDF is written beside it.')
+cli.define_output('report', None, 'Also write the table to this markdown file.')
 flags.DEFINE_string('step_times', None, 'CSV of step times from analysis/bench_step.py --csv: '
                     'adds a "step ÷ SGD" column for the runs whose model and setting it timed.')
 FLAGS = flags.FLAGS

@@ -54,6 +54,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import distribute  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import gradients  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -77,8 +78,8 @@ flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference
                               'fast', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp', 'm3',
                               'rm3', 'ra3'],
                   'What to time.')
-flags.DEFINE_string('csv', None, 'Also write the rows that time run.py\'s own training step '
-                    'to this CSV (for analysis/aggregators.py --step_times).')
+cli.define_output('csv', None, 'Also write the rows that time run.py\'s own training step '
+                  'to this CSV (for analysis/aggregators.py --step_times).')
 flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
                      'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
@@ -273,4 +274,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -16,16 +16,47 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+# The flags that name what a script writes, {name: whether it is a directory}:
+# parse_flags checks that they can be written before the script reads any run.
+_OUTPUTS = {}
+
+
+def define_output(name: str, default, help_text: str, directory: bool = False) -> None:
+  """Defines a string flag naming a file (or, with `directory`, a directory) the script writes."""
+  flags.DEFINE_string(name, default, help_text)
+  _OUTPUTS[name] = directory
+
+
+def unwritable(path: str, directory: bool):
+  """Why `path` cannot be written (its directories are created if missing), or None."""
+  place = os.path.abspath(path) if directory else os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(place, exist_ok=True)
+  except OSError as e:
+    return f'{place} cannot be created ({e.strerror})'
+  if not directory and os.path.isdir(path):
+    return 'it is a directory'
+  if not os.access(path if os.path.exists(path) else place, os.W_OK):
+    return f'{path if os.path.exists(path) else place} is not writable'
+  return None
+
+
 def parse_flags(argv):
   """absl's parser for app.run, but a bad flag is one line and exit status 2.
 
-  Also keeps TensorBoard's and TensorFlow's INFO lines (one per event file
-  read) out of the scripts' output, which is their tables.
+  Also checks that the outputs (define_output) can be written, and keeps
+  TensorBoard's and TensorFlow's INFO lines (one per event file read) out of
+  the scripts' output, which is their tables.
   """
   try:
     parsed = flags.FLAGS(argv)
   except flags.Error as e:
     fail(str(e))
+  for name, directory in _OUTPUTS.items():
+    path = flags.FLAGS[name].value
+    problem = path and unwritable(path, directory)
+    if problem:
+      fail(f'--{name}={path} cannot be written: {problem}; choose another path')
   for name in ('absl', 'tensorboard', 'tensorflow'):
     logging.getLogger(name).setLevel(logging.WARNING)
   return parsed

@@ -31,8 +31,8 @@ from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-po
 
 flags.DEFINE_list('runs', None, 'Run directories made with --coherence_every and --forgetting: '
                   'one per noise level and seed.')
-flags.DEFINE_string('out', 'coherence.png', 'Output PNG; a PDF is written beside it.')
-flags.DEFINE_string('report', None, 'Also write the findings table to this markdown file.')
+cli.define_output('out', 'coherence.png', 'Output PNG; a PDF is written beside it.')
+cli.define_output('report', None, 'Also write the findings table to this markdown file.')
 FLAGS = flags.FLAGS
 
 # "Early in training": the steps over which the largest m-coherence is taken.

@@ -33,7 +33,7 @@ from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,w
 
 flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; default: each run\'s own.')
-flags.DEFINE_string('report', None, 'Also write the table to this markdown file.')
+cli.define_output('report', None, 'Also write the table to this markdown file.')
 FLAGS = flags.FLAGS
 
 

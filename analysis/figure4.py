@@ -27,7 +27,7 @@ from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-impor
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
-flags.DEFINE_string('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
+cli.define_output('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
 FLAGS = flags.FLAGS
 
 

@@ -31,7 +31,8 @@ from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-impor
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
-flags.DEFINE_string('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.')
+cli.define_output('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.',
+                  directory=True)
 flags.DEFINE_string('suffix', '', 'Appended to the file names: figure2SUFFIX.png, ...')
 flags.DEFINE_integer('first_steps', 10, 'Steps shown in Figure 3.')
 FLAGS = flags.FLAGS

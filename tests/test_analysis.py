@@ -230,6 +230,36 @@ class BadRunsTest(parameterized.TestCase):
     self.assertStartsWith(lines[0], f'{script}: error: ')
     self.assertIn(message, lines[0])
 
+  @parameterized.product(
+      script_and_flag=[('figure1.py', 'out'), ('figure4.py', 'out'), ('figures_2_3.py', 'out_dir'),
+                       ('coherence.py', 'report'), ('aggregators.py', 'out'),
+                       ('dead_units.py', 'report'), ('bench_step.py', 'csv')],
+      place=['cannot_be_created', 'is_a_directory'])
+  def test_unwritable_outputs_are_one_line_and_exit_2_before_any_work(self, script_and_flag,
+                                                                       place):
+    script, flag = script_and_flag
+    root = self.create_tempdir()
+    path, message = {
+        'cannot_be_created': ('/proc/cg_tf/out', 'cannot be created (No such file or directory)'),
+        'is_a_directory': (root.mkdir('a_dir').full_path, 'it is a directory'),
+    }[place]
+    if place == 'is_a_directory' and flag == 'out_dir':
+      path, message = f'{root.full_path}/a_file', 'cannot be created'
+      root.create_file('a_file')
+    runs = [] if script == 'bench_step.py' else [f'--runs={root.full_path}/no_run']
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', script), *runs,
+                             f'--{flag}={path}'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertEqual(result.stdout, '')
+    lines = result.stderr.strip().splitlines()
+    if script == 'bench_step.py':  # it loads TensorFlow, which logs its start, before parsing
+      self.assertNotIn('Traceback', result.stderr)
+      lines = lines[-1:]
+    self.assertLen(lines, 1, result.stderr)
+    self.assertStartsWith(lines[0], f'{script}: error: --{flag}={path} cannot be written: ')
+    self.assertIn(message, lines[0])
+
 
 if __name__ == '__main__':
   absltest.main()
