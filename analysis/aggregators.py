@@ -133,7 +133,7 @@ def draw(table, out):
 def main(argv):
   del argv
   step_times = read_step_times(FLAGS.step_times) if FLAGS.step_times else {}
-  rows = [row(run_dir, step_times) for run_dir in cli.finished_runs(FLAGS.runs)]
+  rows = [row(run_dir, step_times) for run_dir in cli.run_directories(FLAGS.runs)]
   rows.sort(key=lambda r: (r['noise'], r['order']))
   table = (pd.DataFrame(rows).drop(columns='order')
            .groupby(['noise', 'aggregator'], sort=False).mean().reset_index())

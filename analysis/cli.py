@@ -62,12 +62,15 @@ def parse_flags(argv):
   return parsed
 
 
-def finished_runs(patterns):
-  """The finished run directories that --runs names; a bad --runs is one line, exit 2."""
+def run_directories(patterns, problem=workdir.not_finished):
+  """The run directories that --runs names (finished ones, unless `problem` says otherwise).
+
+  A bad --runs is one line and exit status 2; see workdir.run_directories.
+  """
   if not patterns:
     fail('--runs is required: run directories or glob patterns')
   try:
-    return workdir.finished_runs(patterns)
+    return workdir.run_directories(patterns, problem)
   except UserInputError as e:
     fail(str(e))
 

@@ -158,7 +158,7 @@ def as_markdown(by_noise):
 def main(argv):
   del argv
   by_noise = {}
-  for run_dir in cli.finished_runs(FLAGS.runs):
+  for run_dir in cli.run_directories(FLAGS.runs):
     run = load(run_dir)
     by_noise.setdefault(run[0].noise, []).append(run)
   draw(by_noise, FLAGS.out)

@@ -37,27 +37,12 @@ cli.define_output('report', None, 'Also write the table to this markdown file.')
 FLAGS = flags.FLAGS
 
 
-def run_directories(patterns):
-  """The run directories --runs names that hold a checkpoint, finished or not.
-
-  Checked before TensorFlow loads, so a bad --runs fails in one line.
-  """
-  if not patterns:
-    cli.fail('--runs is required: run directories or glob patterns')
-  run_dirs = []
-  for pattern in patterns:
-    matches = sorted(workdir.files(pattern).glob(pattern))
-    if not matches:
-      cli.fail(f'--runs: {pattern} matches no directory')
-    for run_dir in matches:
-      fs = workdir.files(run_dir)
-      if not fs.exists(os.path.join(run_dir, workdir.CONFIG_FILE)):
-        cli.fail(f'--runs: {run_dir} is not a run directory (no {workdir.CONFIG_FILE})')
-      if not fs.exists(os.path.join(run_dir, 'checkpoints', 'checkpoint')):
-        cli.fail(f'--runs: {run_dir} has no checkpoint (runs kept without checkpoints show '
-                 'dead units in their dead_units/ summaries, if they logged them)')
-      run_dirs.append(run_dir)
-  return run_dirs
+def without_checkpoint(run_dir):
+  """Why `run_dir` has nothing to restore, or None; checked before TensorFlow loads."""
+  if workdir.files(run_dir).exists(os.path.join(run_dir, 'checkpoints', 'checkpoint')):
+    return None
+  return (f'{run_dir} has no checkpoint (runs kept without checkpoints show dead units in '
+          'their dead_units/ summaries, if they logged them)')
 
 
 def dead_units(run_dir, data_dir):
@@ -79,7 +64,7 @@ def dead_units(run_dir, data_dir):
 def main(argv):
   del argv
   rows = []
-  for run_dir in run_directories(FLAGS.runs):
+  for run_dir in cli.run_directories(FLAGS.runs, without_checkpoint):
     try:
       step, accuracy, dead, widths, one_class = dead_units(run_dir, FLAGS.data_dir)
     except UserInputError as e:

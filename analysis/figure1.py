@@ -118,7 +118,7 @@ def summary_table(runs):
 
 def main(argv):
   del argv
-  run_dirs = cli.finished_runs(FLAGS.runs)
+  run_dirs = cli.run_directories(FLAGS.runs)
   runs = load_runs(run_dirs)
   draw(runs, FLAGS.out)
   print(summary_table(runs))

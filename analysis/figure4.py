@@ -84,7 +84,7 @@ def summary_table(grid):
 
 def main(argv):
   del argv
-  run_dirs = cli.finished_runs(FLAGS.runs)
+  run_dirs = cli.run_directories(FLAGS.runs)
   grid = load_grid(run_dirs)
   draw(grid, FLAGS.out)
   print(summary_table(grid))

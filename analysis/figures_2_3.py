@@ -145,7 +145,7 @@ def summary_table(runs):
 
 def main(argv):
   del argv
-  run_dirs = cli.finished_runs(FLAGS.runs)
+  run_dirs = cli.run_directories(FLAGS.runs)
   runs = load(run_dirs)
   figure2(runs, os.path.join(FLAGS.out_dir, f'figure2{FLAGS.suffix}.png'))
   figure3(runs, os.path.join(FLAGS.out_dir, f'figure3{FLAGS.suffix}.png'), FLAGS.first_steps)

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import types
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -209,12 +209,25 @@ def is_finished(workdir: str) -> bool:
     return False
 
 
-def finished_runs(patterns) -> list:
-  """The finished run directories that `patterns` (paths or glob patterns) name, in order.
+def not_finished(run_dir: str) -> Optional[str]:
+  """What keeps `run_dir` from being read as a finished run, or None."""
+  if is_finished(run_dir):
+    return None
+  return (f'{run_dir} has not finished (no {FINAL_METRICS_FILE} for its last step); rerun its '
+          'command to finish it, or leave it out')
+
+
+def run_directories(patterns, problem: Callable[[str], Optional[str]] = not_finished) -> list:
+  """The run directories that `patterns` (paths or glob patterns) name, in order.
+
+  Args:
+    patterns: paths or glob patterns, local or cloud.
+    problem: what is wrong with a run directory for the caller, or None;
+      by default, that it has not finished.
 
   Raises:
     UserInputError: a pattern matches nothing, a match is not a run
-      directory, or a run has not reached its last step.
+      directory, or `problem` names what is wrong with it.
   """
   run_dirs = []
   for pattern in patterns:
@@ -224,10 +237,9 @@ def finished_runs(patterns) -> list:
     for run_dir in matches:
       if not files(run_dir).exists(os.path.join(run_dir, CONFIG_FILE)):
         raise UserInputError(f'--runs: {run_dir} is not a run directory (no {CONFIG_FILE})')
-      if not is_finished(run_dir):
-        raise UserInputError(f'--runs: {run_dir} has not finished (no {FINAL_METRICS_FILE} '
-                             'for its last step); rerun its command to finish it, or leave '
-                             'it out')
+      wrong = problem(run_dir)
+      if wrong:
+        raise UserInputError(f'--runs: {wrong}')
       run_dirs.append(run_dir)
   return run_dirs
 
