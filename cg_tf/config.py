@@ -164,7 +164,19 @@ class Config:
 
   @classmethod
   def from_json(cls, text: str) -> 'Config':
-    return cls(**json.loads(text))
+    """The Config that to_json wrote.
+
+    Raises:
+      UserInputError: the text holds settings this version of cg_tf does not
+        know (it was written by another version).
+    """
+    settings = json.loads(text)
+    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+      raise UserInputError(f'the config holds settings this version of cg_tf does not know '
+                           f'({", ".join(unknown)}): it was written by another version; '
+                           'read it with that version')
+    return cls(**settings)
 
 
 def describe_aggregator(config: Config) -> str:

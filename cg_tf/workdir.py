@@ -204,7 +204,9 @@ def is_finished(workdir: str) -> bool:
   """True if the run in `workdir` has reached and recorded the last step of its config."""
   try:
     final_step = json.loads(read_bytes(os.path.join(workdir, FINAL_METRICS_FILE)))['step']
-    return final_step == read_config(workdir).steps
+    # The JSON itself, not a Config: a run written by another version of cg_tf
+    # is finished all the same.
+    return final_step == json.loads(read_bytes(os.path.join(workdir, CONFIG_FILE)))['steps']
   except files(workdir).errors + (ValueError, KeyError, TypeError):
     return False
 
@@ -227,7 +229,8 @@ def run_directories(patterns, problem: Callable[[str], Optional[str]] = not_fini
 
   Raises:
     UserInputError: a pattern matches nothing, a match is not a run
-      directory, or `problem` names what is wrong with it.
+      directory or holds the config of another version of cg_tf, or `problem`
+      names what is wrong with it.
   """
   run_dirs = []
   for pattern in patterns:
@@ -237,6 +240,10 @@ def run_directories(patterns, problem: Callable[[str], Optional[str]] = not_fini
     for run_dir in matches:
       if not files(run_dir).exists(os.path.join(run_dir, CONFIG_FILE)):
         raise UserInputError(f'--runs: {run_dir} is not a run directory (no {CONFIG_FILE})')
+      try:
+        read_config(run_dir)
+      except UserInputError as e:
+        raise UserInputError(f'--runs: {run_dir}: {e}') from None
       wrong = problem(run_dir)
       if wrong:
         raise UserInputError(f'--runs: {wrong}')

@@ -1,5 +1,6 @@
 """The analysis scripts, run as a user runs them, on tiny real run directories."""
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,15 @@ def run_script(name, *args):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+def add_unknown_setting(run_dir):
+  """Makes run_dir's config.json look written by a later cg_tf, with a setting this one lacks."""
+  path = os.path.join(run_dir, workdir.CONFIG_FILE)
+  with open(path) as f:
+    settings = json.load(f)
+  with open(path, 'w') as f:
+    json.dump({**settings, 'future_setting': 1}, f)
 
 
 def row_for(table, prefix):
@@ -206,18 +216,25 @@ class BadRunsTest(parameterized.TestCase):
 
   @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py', 'coherence.py',
                                  'aggregators.py'],
-                         case=['missing', 'empty_glob', 'not_a_run', 'unfinished', 'none'])
+                         case=['missing', 'empty_glob', 'not_a_run', 'unfinished', 'none',
+                               'other_version'])
   def test_bad_runs_are_one_line_and_exit_2(self, script, case):
     root = self.create_tempdir()
     unfinished = root.mkdir('unfinished')
     workdir.prepare(unfinished.full_path, test_train.tiny_config(steps=40))
     workdir.save_final_metrics(unfinished.full_path, 20, {'train/accuracy': 0.5})
+    other_version = root.mkdir('other_version')
+    workdir.prepare(other_version.full_path, test_train.tiny_config(steps=20))
+    workdir.save_final_metrics(other_version.full_path, 20, {'train/accuracy': 0.5})
+    add_unknown_setting(other_version.full_path)
     runs, message = {
         'missing': ([f'--runs={root.full_path}/nope'], 'matches no directory'),
         'empty_glob': ([f'--runs={root.full_path}/x*'], 'matches no directory'),
         'not_a_run': ([f'--runs={root.mkdir("other").full_path}'], 'is not a run directory'),
         'unfinished': ([f'--runs={unfinished.full_path}'], 'has not finished'),
         'none': ([], '--runs is required'),
+        'other_version': ([f'--runs={other_version.full_path}'],
+                          'holds settings this version of cg_tf does not know (future_setting)'),
     }[case]
     out = (f'--out_dir={root.full_path}' if script == 'figures_2_3.py' else
            f'--out={root.full_path}/f.png')

@@ -15,6 +15,8 @@ from analysis import reproduce
 from cg_tf import config as config_lib
 from cg_tf import train
 from cg_tf import workdir
+from cg_tf.errors import UserInputError
+from tests import test_analysis
 from tests import test_train
 
 
@@ -95,6 +97,11 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertFalse(workdir.is_finished(run_dir.full_path))
     workdir.save_final_metrics(run_dir.full_path, 3000, {'train/accuracy': 0.5})
     self.assertTrue(workdir.is_finished(run_dir.full_path))
+    # Written by another version of cg_tf: still finished, and not read as this version's.
+    test_analysis.add_unknown_setting(run_dir.full_path)
+    self.assertTrue(workdir.is_finished(run_dir.full_path))
+    with self.assertRaisesRegex(UserInputError, r'does not know \(future_setting\)'):
+      workdir.read_config(run_dir.full_path)
     specs = [('a', []), ('b', [])]
     self.assertEqual(reproduce.unfinished(specs, run_dir.full_path), specs)
 
