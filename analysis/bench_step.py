@@ -63,6 +63,7 @@ from cg_tf import train  # pylint: disable=g-import-not-at-top,wrong-import-posi
 from cg_tf.config import AGGREGATORS  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.config import step_cost_setting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; random data if unset.')
 flags.DEFINE_list('c', ['2'], 'Winsorization percentiles; each winsorized method gets a row '
@@ -226,8 +227,17 @@ def main(argv):
     mirrored = distribute.make_strategy('mirrored', cpu_replicas=FLAGS.cpu_replicas)
     methods += [f'{m}_mirrored' for m in ('sgd', 'fast') if m in methods]
   cs = [float(c) for c in FLAGS.c]
+  if 'trimmed_mean' in methods:
+    for c in cs:
+      if winsorize.nearest_ranks(c, FLAGS.batch_size)[0] < 1:
+        cli.fail(f'--c={c:g} clips no value a side of a batch of {FLAGS.batch_size}, so '
+                 'trimmed_mean would drop none; use a larger --c or --batch_size, or leave '
+                 'trimmed_mean out of --methods')
   methods = rows(methods, cs)
-  noisy = dataset()
+  try:
+    noisy = dataset()
+  except UserInputError as e:
+    cli.fail(str(e))
   device = 'GPU: ' + tf.config.experimental.get_device_details(
       tf.config.list_physical_devices('GPU')[0]).get('device_name', '?') if \
       tf.config.list_physical_devices('GPU') else f'CPU: {os.cpu_count()} cores'

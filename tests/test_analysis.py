@@ -277,6 +277,20 @@ class BadRunsTest(parameterized.TestCase):
     self.assertStartsWith(lines[0], f'{script}: error: --{flag}={path} cannot be written: ')
     self.assertIn(message, lines[0])
 
+  @parameterized.parameters(
+      (['--c=2', '--batch_size=20', '--methods=sgd,trimmed_mean'],
+       '--c=2 clips no value a side of a batch of 20'),
+      (['--data_dir=/nonexistent/mnist'], '/nonexistent/mnist'))
+  def test_bench_refuses_bad_settings_in_one_line(self, bad_flags, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'bench_step.py'),
+                             '--model=16', *bad_flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    self.assertNotIn('Traceback', result.stderr)
+    last = result.stderr.strip().splitlines()[-1]  # after TensorFlow's start-up lines
+    self.assertStartsWith(last, 'bench_step.py: error: ')
+    self.assertIn(message, last)
+
 
 if __name__ == '__main__':
   absltest.main()
