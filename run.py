@@ -19,6 +19,7 @@ from absl import flags
 
 # cg_tf.config loads no TensorFlow: its names can define the flags.
 from cg_tf.config import AGGREGATORS  # pylint: disable=g-import-not-at-top
+from cg_tf.config import WINSOR_IMPLS  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_enum('dataset', 'mnist', ['mnist', 'fashion_mnist'],
                   'Dataset, used when --data_dir is not given (fashion_mnist through tfds).')
@@ -40,9 +41,11 @@ flags.DEFINE_integer('eval_every', 10_000, 'Evaluate every this many steps, besi
 flags.DEFINE_integer('checkpoint_every', 5_000, 'Checkpoint every this many steps.')
 flags.DEFINE_float('winsor_c', 0.0, 'Winsorize per-example gradients at the c-th and '
                    '(100-c)-th percentile of the minibatch (§3); 0 is plain SGD.')
-flags.DEFINE_enum('winsor_impl', 'fast', ['fast', 'reference'],
-                  "'fast': exact, an XLA min/max network over Dense outer products; "
-                  "'reference': vectorized_map and tfp.stats.percentile (slow, the definition).")
+flags.DEFINE_enum('winsor_impl', 'fast', list(WINSOR_IMPLS),
+                  "'fast': exact, by the compiled CPU kernel on CPUs (built once per machine "
+                  "with g++) and an XLA min/max network elsewhere, the same bits; 'xla' or "
+                  "'cpu_kernel': one of those two; 'reference': vectorized_map and "
+                  'tfp.stats.percentile (slow, the definition).')
 flags.DEFINE_bool('deterministic', False, 'Enable TensorFlow op determinism (GPU).')
 flags.DEFINE_integer('eval_batch_size', 10_000, 'Examples per evaluation forward pass.')
 flags.DEFINE_integer('decomp_every', 0, 'Measure the §2.4 pristine/corrupt decomposition '

@@ -15,7 +15,10 @@ process and interleaved round by round, the compiled in-graph loop of:
   reference   winsorized SGD by vectorized_map + tfp.stats.percentile;
   top_k       winsorized SGD by materialised outer products + tf.math.top_k
               (the obvious fast path, kept here to show what the default beats);
-  fast        winsorized SGD by the XLA insertion network (the default);
+  fast        winsorized SGD as run.py runs it by default: on a CPU by the
+              compiled CPU kernel (cg_tf/cpu_kernel.py);
+  xla         winsorized SGD by the XLA min/max network (--winsor_impl=xla,
+              what GPUs and TPUs run), with the same bits as fast;
   authors     the authors' released update rule (google-research,
               coherent_gradients/iclr_2020_paper/utils.py): the layer's
               errors and inputs come back to the host, and NumPy forms the
@@ -76,8 +79,8 @@ flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
 flags.DEFINE_float('seconds', 3.0, 'Rough time to spend on each measurement.')
 flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
 flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference', 'top_k',
-                              'fast', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp', 'm3',
-                              'rm3', 'ra3'],
+                              'fast', 'xla', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp',
+                              'm3', 'rm3', 'ra3'],
                   'What to time.')
 cli.define_output('csv', None, 'Also write the rows that time run.py\'s own training step '
                   'to this CSV (for analysis/aggregators.py --step_times).')
@@ -202,7 +205,7 @@ def build(row, hidden, noisy, mirrored=None):
   aggregator = base if base in AGGREGATORS else 'winsorize'
   config = Config(hidden=hidden, batch_size=FLAGS.batch_size,
                   winsor_c=c if aggregator == 'winsorize' else 0.0,
-                  winsor_impl='reference' if base == 'reference' else 'fast',
+                  winsor_impl=base if base in ('reference', 'xla') else 'fast',
                   forgetting=base == 'sgd_forgetting', aggregator=aggregator,
                   trim_k=winsorize.nearest_ranks(c, FLAGS.batch_size)[0] if c else 0,
                   clip_norm=1.0 if aggregator in ('l2clip', 'dp') else 0.0,

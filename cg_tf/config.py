@@ -8,7 +8,9 @@ from cg_tf.errors import UserInputError
 
 INITS = ('paper', 'glorot_uniform')
 DATASETS = ('mnist', 'fashion_mnist')
-WINSOR_IMPLS = ('fast', 'reference')
+# 'fast' is the exact fast path by the compiled CPU kernel on CPUs and by XLA
+# elsewhere (same bits); 'xla' and 'cpu_kernel' ask for one of the two.
+WINSOR_IMPLS = ('fast', 'xla', 'cpu_kernel', 'reference')
 # The aggregators of cg_tf/aggregators.py, named here, where flags are checked
 # before TensorFlow loads: those that need per-example gradients, and those
 # that combine the last three minibatch gradients.
@@ -38,8 +40,10 @@ class Config:
     eval_every: evaluate every this many steps, besides the log-spaced steps.
     checkpoint_every: checkpoint every this many steps (and at the end).
     winsor_c: winsorization percentile c in [0, 50); 0 is plain SGD.
-    winsor_impl: 'fast' (exact, an XLA min/max network over Dense outer
-      products) or 'reference' (vectorized_map and tfp.stats.percentile).
+    winsor_impl: how winsorize and trimmed_mean find each coordinate's
+      extremes: 'fast' (exact: the compiled CPU kernel on CPUs, the XLA
+      min/max network elsewhere; the same bits), 'xla', 'cpu_kernel', or
+      'reference' (winsorize only: vectorized_map and tfp.stats.percentile).
     deterministic: enable TensorFlow's op determinism (slower on GPU).
     eval_batch_size: examples per forward pass during evaluation.
     decomp_every: measure the §2.4 decomposition every this many steps; 0 = off.

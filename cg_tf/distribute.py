@@ -162,6 +162,17 @@ def only_first_replica(value: tf.Tensor) -> tf.Tensor:
   return tf.where(tf.equal(replica_id(), 0), value, tf.zeros_like(value))
 
 
+def runs_on_cpus(strategy: tf.distribute.Strategy) -> bool:
+  """True when every replica of `strategy` computes on a CPU (no GPU or TPU does the work)."""
+  if isinstance(strategy, tf.distribute.TPUStrategy):
+    return False
+  try:
+    devices = strategy.extended.worker_devices
+  except RuntimeError:  # the default strategy: TensorFlow places ops on a GPU if there is one
+    return not tf.config.list_logical_devices('GPU')
+  return all(tf.DeviceSpec.from_string(device).device_type == 'CPU' for device in devices)
+
+
 def checkpoint_dir(workdir: str, strategy: tf.distribute.Strategy) -> str:
   """Where this task saves checkpoints: the run's, or a scratch one for a non-chief worker.
 

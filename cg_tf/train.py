@@ -129,6 +129,13 @@ class Experiment:
     self.permutation = tf.Variable(tf.range(num_train, dtype=tf.int32), trainable=False)
     self.permutation_epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
     self.num_parameters = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+    # How the fast winsorized and trimmed sums find their extremes (winsorize.py).
+    self.extremes_backend = None
+    if config.aggregator == 'trimmed_mean' or (
+        config.aggregator == 'winsorize' and config.winsor_c > 0 and
+        config.winsor_impl != 'reference'):
+      self.extremes_backend = winsorize.backend_for(config.winsor_impl,
+                                                    distribute.runs_on_cpus(self.strategy))
     # Forgetting events (Toneva et al.): updated from the global minibatch's
     # predictions outside strategy.run, like the data, so one copy suffices.
     self.forgetting = None
@@ -205,16 +212,19 @@ class Experiment:
         # delta carries 1 / batch; the kept batch - 2k values are averaged.
         rescale = batch / (batch - 2 * k)
         by_variable[id(layer.kernel)] = distribute.place_columns(
-            winsorize.trimmed_outer_sum(a, delta, k, columns) * rescale, width)
+            winsorize.trimmed_outer_sum(a, delta, k, columns, self.extremes_backend) * rescale,
+            width)
         by_variable[id(layer.bias)] = distribute.place_columns(
-            winsorize.trimmed_sum(delta, k, columns) * rescale, width)
+            winsorize.trimmed_sum(delta, k, columns, self.extremes_backend) * rescale, width)
       return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses), logits
     by_variable, num_clipped = {}, tf.constant(0, tf.int64)
     for layer, a, delta in factors:
       width = delta.shape[-1]
       columns = distribute.own_columns(width)
-      kernel_sum, kernel_clipped = winsorize.winsorized_outer_sum_and_count(a, delta, c, columns)
-      bias_sum, bias_clipped = winsorize.winsorized_sum_and_count(delta, c, columns)
+      kernel_sum, kernel_clipped = winsorize.winsorized_outer_sum_and_count(
+          a, delta, c, columns, self.extremes_backend)
+      bias_sum, bias_clipped = winsorize.winsorized_sum_and_count(delta, c, columns,
+                                                                  self.extremes_backend)
       by_variable[id(layer.kernel)] = distribute.place_columns(kernel_sum, width)
       by_variable[id(layer.bias)] = distribute.place_columns(bias_sum, width)
       num_clipped += kernel_clipped + bias_clipped
@@ -496,9 +506,11 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
                                              config.checkpoint_every))
   checkpoint_steps = set(schedule.checkpoint_steps(config.steps, config.checkpoint_every))
   metrics: Dict[str, float] = {}
-  log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d, %s',
+  log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d, %s%s',
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
-           experiment.batch_size, distribute.describe(strategy))
+           experiment.batch_size, distribute.describe(strategy),
+           {None: '', 'xla': ', extremes by XLA',
+            'cpu_kernel': ', extremes by the compiled CPU kernel'}[experiment.extremes_backend])
 
   def measure():
     step = experiment.step

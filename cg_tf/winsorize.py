@@ -20,13 +20,28 @@ operations. A Dense layer's per-example gradient outer(a_e, delta_e) is formed
 on the fly, so the [batch, fan_in, fan_out] tensor never exists. Both networks
 only compare and move values, so they return the same bits, and ties need no
 care. Measured against tf.math.top_k by analysis/bench_step.py (README).
+
+On a CPU the same extremes come faster from a compiled kernel
+(backend='cpu_kernel', cpu_kernel.py). Either way the winsorized or trimmed
+sum is formed from the extremes by one function under XLA (_from_extremes),
+so both backends return the same bits.
 """
 
+import logging
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+
+from cg_tf import cpu_kernel
+from cg_tf.errors import UserInputError
+
+log = logging.getLogger('cg_tf')
+
+# How the fast path finds each coordinate's extremes: 'xla', the min/max network
+# below (any device), or 'cpu_kernel' (cpu_kernel.py): the same bits, faster on a CPU.
+BACKENDS = ('xla', 'cpu_kernel')
 
 # Examples inserted per iteration of the in-XLA loop. Larger unrolls keep the
 # running extremes in registers longer but compile slowly for large c (an
@@ -182,69 +197,187 @@ def _extremes_by_merging(example, batch, shape, num_largest, num_smallest):
   return tuple(largest), tuple(smallest)
 
 
-def _winsorize_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,
-                         total: tf.Tensor, c: float) -> Tuple[tf.Tensor, tf.Tensor]:
-  """Winsorized sum of example(0), ..., example(batch - 1), each of `shape`.
+def backend_for(winsor_impl: str, on_cpus: bool) -> str:
+  """The backend that --winsor_impl names, for replicas that compute on CPUs or not.
+
+  'fast' takes the CPU kernel on CPUs if it can be built and loaded, and
+  otherwise XLA, logging why once; the two give the same bits.
+
+  Raises:
+    UserInputError: 'cpu_kernel' is asked for where it cannot run.
+  """
+  if winsor_impl == 'xla' or (winsor_impl == 'fast' and not on_cpus):
+    return 'xla'
+  if winsor_impl == 'cpu_kernel' and not on_cpus:
+    raise UserInputError('--winsor_impl=cpu_kernel runs on CPUs, but this run computes on '
+                         'GPUs or TPUs; use --winsor_impl=fast (XLA there)')
+  reason = cpu_kernel.unavailable_reason()
+  if reason is None:
+    return 'cpu_kernel'
+  if winsor_impl == 'cpu_kernel':
+    raise UserInputError(f'--winsor_impl=cpu_kernel: the CPU kernel is not available ({reason}); '
+                         'use --winsor_impl=xla (the same numbers, slower)')
+  log.warning('winsorizing by XLA, not the compiled CPU kernel (the same numbers, slower): %s',
+              reason)
+  return 'xla'
+
+
+def clipped_per_side(c: float, batch: int) -> Tuple[int, int]:
+  """How many of a coordinate's `batch` values c-winsorization clips above and below."""
+  low, high = nearest_ranks(c, batch)
+  return batch - 1 - high, low
+
+
+def _streaming_extremes(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,
+                        num_high: int, num_low: int, bounds: bool) -> cpu_kernel.Extremes:
+  """What kernels/extremes.cc computes, by the XLA network (traced inside a jit function).
 
   Args:
     example: e (an int32 scalar tensor) -> that example's values, [*shape].
     batch: number of examples.
     shape: shape of one example's values.
-    total: [*shape], the plain sum (computed by the caller the cheapest way).
-    c: percentile.
+    num_high, num_low: values a side to sum.
+    bounds: also find the next value a side (winsorizing needs it, trimming does not).
 
   Returns:
-    (winsorized sum [*shape], int64 count of entries strictly outside their bounds).
+    cpu_kernel.Extremes of [*shape] tensors; upper and lower are zeros when not
+    `bounds`, and the count then is 0.
   """
-  low, high = nearest_ranks(c, batch)
-  num_high = batch - 1 - high
-  largest, smallest = _extremes(example, batch, shape, num_high + 1, low + 1)
-  upper, lower = largest[num_high], smallest[low]
-  num_clipped = tf.constant(0, tf.int64)
+  extra = 1 if bounds else 0
+  largest, smallest = _extremes(example, batch, shape, num_high + extra, num_low + extra)
+  zeros = tf.zeros(shape)
+
+  def side(values, count, beyond):
+    # Extremes that nothing uses are pruned by XLA, so unused parts cost nothing.
+    if not count:
+      return zeros, zeros, tf.constant(0, tf.int64)
+    kept = tf.stack(values[:count])
+    if not bounds:
+      return tf.reduce_sum(kept, axis=0), zeros, tf.constant(0, tf.int64)
+    bound = values[count]
+    return tf.reduce_sum(kept, axis=0), bound, tf.math.count_nonzero(beyond(kept, bound))
+
+  largest_sum, upper, high_clipped = side(largest, num_high, tf.greater)
+  smallest_sum, lower, low_clipped = side(smallest, num_low, tf.less)
+  return cpu_kernel.Extremes(largest_sum, upper, smallest_sum, lower, high_clipped + low_clipped)
+
+
+def _from_extremes(total: tf.Tensor, extremes: cpu_kernel.Extremes, num_high: int, num_low: int,
+                   trim: bool) -> tf.Tensor:
+  """The winsorized (or, with `trim`, trimmed) sum from the plain sum and the extremes.
+
+  For sorted values s_0 <= ... <= s_{B-1}, l = s_{num_low} and u = s_{B-1-num_high}:
+    winsorized = total + (num_low l - sum_{i<num_low} s_i) - (sum_{i>B-1-num_high} s_i - num_high u)
+    trimmed    = total - sum_{i<num_low} s_i - sum_{i>B-1-num_high} s_i.
+  """
+  if trim:
+    return total - extremes.largest_sum - extremes.smallest_sum
   if num_high:
-    above = tf.stack(largest[:num_high])
-    total -= tf.reduce_sum(above, axis=0) - num_high * upper
-    num_clipped += tf.math.count_nonzero(above > upper)
-  if low:
-    below = tf.stack(smallest[:low])
-    total += low * lower - tf.reduce_sum(below, axis=0)
-    num_clipped += tf.math.count_nonzero(below < lower)
-  return total, num_clipped
+    total -= extremes.largest_sum - num_high * extremes.upper
+  if num_low:
+    total += num_low * extremes.lower - extremes.smallest_sum
+  return total
 
 
-def _trim_streaming(example: Callable[[tf.Tensor], tf.Tensor], batch: int, shape,
-                    total: tf.Tensor, k: int) -> tf.Tensor:
-  """Sum of example(0..batch-1) without each coordinate's k largest and k smallest values."""
-  largest, smallest = _extremes(example, batch, shape, k, k)
-  return total - tf.reduce_sum(tf.stack(largest), axis=0) - tf.reduce_sum(tf.stack(smallest),
-                                                                           axis=0)
+def _outer_total(activations, deltas, columns):
+  total = tf.matmul(activations, deltas, transpose_a=True)
+  return total if columns is None else _own_columns(total, columns)
+
+
+def _outer_value(activations, deltas):
+  return lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :]
 
 
 @tf.function(jit_compile=True)
+def _xla_outer(activations, deltas, num_high, num_low, trim, columns):
+  total = _outer_total(activations, deltas, columns)
+  if columns is not None:
+    deltas = _own_columns(deltas, columns)
+  extremes = _streaming_extremes(_outer_value(activations, deltas), activations.shape[0],
+                                 [activations.shape[1], deltas.shape[1]], num_high, num_low,
+                                 bounds=not trim)
+  return _from_extremes(total, extremes, num_high, num_low, trim), extremes.num_clipped
+
+
+@tf.function(jit_compile=True)
+def _xla_sum(per_example, num_high, num_low, trim, columns):
+  if columns is not None:
+    per_example = _own_columns(per_example, columns)
+  extremes = _streaming_extremes(lambda e: per_example[e], per_example.shape[0],
+                                 per_example.shape[1:], num_high, num_low, bounds=not trim)
+  return (_from_extremes(tf.reduce_sum(per_example, axis=0), extremes, num_high, num_low, trim),
+          extremes.num_clipped)
+
+
+# The CPU kernel's extremes are combined with the plain sum under XLA, as in
+# _xla_outer and _xla_sum, so that both paths round alike.
+@tf.function(jit_compile=True)
+def _combine_outer(activations, deltas, columns, extremes, num_high, num_low, trim):
+  return _from_extremes(_outer_total(activations, deltas, columns), extremes, num_high, num_low,
+                        trim)
+
+
+@tf.function(jit_compile=True)
+def _combine_sum(per_example, extremes, num_high, num_low, trim):
+  return _from_extremes(tf.reduce_sum(per_example, axis=0), extremes, num_high, num_low, trim)
+
+
+def _uses_kernel(backend: str, num_high: int, num_low: int) -> bool:
+  if backend not in BACKENDS:
+    raise ValueError(f'backend must be one of {BACKENDS}, not {backend!r}')
+  return backend == 'cpu_kernel' and max(num_high, num_low) <= cpu_kernel.MAX_CLIPPED
+
+
+def _outer(activations, deltas, num_high, num_low, trim, columns, backend):
+  """(winsorized or trimmed sum of outer(a_e, d_e) [fan_in, k], int64 count) by `backend`."""
+  if not _uses_kernel(backend, num_high, num_low):
+    return _xla_outer(activations, deltas, num_high, num_low, trim, columns)
+  own = deltas if columns is None else _own_columns(deltas, columns)
+  extremes = cpu_kernel.outer_extremes(activations, own, num_high, num_low)
+  total = _combine_outer(activations, deltas, columns, extremes, num_high, num_low, trim)
+  return total, tf.constant(0, tf.int64) if trim else extremes.num_clipped
+
+
+def _sum(per_example, num_high, num_low, trim, columns, backend):
+  """(winsorized or trimmed sum over axis 0 [...] or [k], int64 count) by `backend`."""
+  if not _uses_kernel(backend, num_high, num_low):
+    return _xla_sum(per_example, num_high, num_low, trim, columns)
+  if columns is not None:
+    per_example = _own_columns(per_example, columns)
+  batch, shape = per_example.shape[0], per_example.shape[1:]
+  # The values are 1 * v: a one-row outer product, which the kernel computes exactly.
+  extremes = cpu_kernel.outer_extremes(tf.ones([batch, 1]), tf.reshape(per_example, [batch, -1]),
+                                       num_high, num_low)
+  extremes = cpu_kernel.Extremes(*(tf.reshape(x, shape) for x in extremes[:4]),
+                                 extremes.num_clipped)
+  total = _combine_sum(per_example, extremes, num_high, num_low, trim)
+  return total, tf.constant(0, tf.int64) if trim else extremes.num_clipped
+
+
 def winsorized_sum_and_count(per_example: tf.Tensor, c: float,
-                             columns: Optional[tf.Tensor] = None) -> Tuple[tf.Tensor, tf.Tensor]:
+                             columns: Optional[tf.Tensor] = None,
+                             backend: str = 'xla') -> Tuple[tf.Tensor, tf.Tensor]:
   """Fast exact winsorized sum over axis 0, and how many entries clipping changed.
 
   Args:
     per_example: [batch, ...] with a static batch size.
-    c: percentile in [0, 50) (a Python number: each value compiles once).
+    c: percentile in [0, 50) (each value compiles once).
     columns: optionally int32 [k], for per_example [batch, width]: winsorize
       only these columns (-1: a padding column, result 0).
+    backend: 'xla' (the min/max network, any device) or 'cpu_kernel' (the
+      compiled CPU kernel, same bits; XLA beyond MAX_CLIPPED values a side).
 
   Returns:
     ([...] or [k] winsorized sum, int64 scalar count of entries strictly
     outside their coordinate's bounds; an entry equal to its bound is unchanged).
   """
-  if columns is not None:
-    per_example = _own_columns(per_example, columns)
-  return _winsorize_streaming(lambda e: per_example[e], per_example.shape[0],
-                              per_example.shape[1:], tf.reduce_sum(per_example, axis=0), c)
+  num_high, num_low = clipped_per_side(c, per_example.shape[0])
+  return _sum(per_example, num_high, num_low, False, columns, backend)
 
 
-@tf.function(jit_compile=True)
 def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor, c: float,
-                                   columns: Optional[tf.Tensor] = None
-                                   ) -> Tuple[tf.Tensor, tf.Tensor]:
+                                   columns: Optional[tf.Tensor] = None,
+                                   backend: str = 'xla') -> Tuple[tf.Tensor, tf.Tensor]:
   """Winsorized sum over e of outer(activations[e], deltas[e]), never materialised.
 
   This is a Dense kernel's winsorized gradient: example e's kernel gradient is
@@ -257,21 +390,18 @@ def winsorized_outer_sum_and_count(activations: tf.Tensor, deltas: tf.Tensor, c:
     columns: optionally int32 [k], the output columns to winsorize (one
       replica's block); -1 marks a padding column, whose result is 0. Every
       returned entry has the bits it has when all columns are winsorized.
+    backend: as for winsorized_sum_and_count.
 
   Returns:
     ([fan_in, fan_out] or [fan_in, k] winsorized sum, int64 scalar count of
     clipped entries).
   """
-  total = tf.matmul(activations, deltas, transpose_a=True)
-  if columns is not None:
-    total, deltas = (_own_columns(x, columns) for x in (total, deltas))
-  return _winsorize_streaming(
-      lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :],
-      activations.shape[0], [activations.shape[1], deltas.shape[1]], total, c)
+  num_high, num_low = clipped_per_side(c, activations.shape[0])
+  return _outer(activations, deltas, num_high, num_low, False, columns, backend)
 
 
-@tf.function(jit_compile=True)
-def trimmed_sum(per_example: tf.Tensor, k: int, columns: Optional[tf.Tensor] = None) -> tf.Tensor:
+def trimmed_sum(per_example: tf.Tensor, k: int, columns: Optional[tf.Tensor] = None,
+                backend: str = 'xla') -> tf.Tensor:
   """Sum over axis 0 without each coordinate's k largest and k smallest values (k >= 1).
 
   For sorted values s_0 <= ... <= s_{B-1} of a coordinate, sum_{i=k}^{B-1-k} s_i:
@@ -279,37 +409,29 @@ def trimmed_sum(per_example: tf.Tensor, k: int, columns: Optional[tf.Tensor] = N
 
   Args:
     per_example: [batch, ...] with a static batch size > 2k.
-    k: values dropped a side (a Python int: each value compiles once).
-    columns: as for winsorized_sum_and_count.
+    k: values dropped a side (each value compiles once).
+    columns, backend: as for winsorized_sum_and_count.
 
   Returns:
     [...] or [k_columns].
   """
-  if columns is not None:
-    per_example = _own_columns(per_example, columns)
-  return _trim_streaming(lambda e: per_example[e], per_example.shape[0], per_example.shape[1:],
-                         tf.reduce_sum(per_example, axis=0), k)
+  return _sum(per_example, k, k, True, columns, backend)[0]
 
 
-@tf.function(jit_compile=True)
 def trimmed_outer_sum(activations: tf.Tensor, deltas: tf.Tensor, k: int,
-                      columns: Optional[tf.Tensor] = None) -> tf.Tensor:
+                      columns: Optional[tf.Tensor] = None, backend: str = 'xla') -> tf.Tensor:
   """trimmed_sum over e of outer(activations[e], deltas[e]), never materialised.
 
   Args:
     activations: [batch, fan_in].
     deltas: [batch, fan_out].
     k: values dropped a side.
-    columns: as for winsorized_outer_sum_and_count.
+    columns, backend: as for winsorized_outer_sum_and_count.
 
   Returns:
     [fan_in, fan_out] or [fan_in, k_columns].
   """
-  total = tf.matmul(activations, deltas, transpose_a=True)
-  if columns is not None:
-    total, deltas = (_own_columns(x, columns) for x in (total, deltas))
-  return _trim_streaming(lambda e: activations[e][:, tf.newaxis] * deltas[e][tf.newaxis, :],
-                         activations.shape[0], [activations.shape[1], deltas.shape[1]], total, k)
+  return _outer(activations, deltas, k, k, True, columns, backend)[0]
 
 
 def _own_columns(values: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:

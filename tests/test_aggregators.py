@@ -31,22 +31,25 @@ def awkward_values(batch, width, seed):
 
 class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
 
-  @parameterized.product(batch=[3, 10, 33, 100], k=[1, 'largest'])
-  def test_trimmed_sums_match_sorting(self, batch, k):
-    k = (batch - 1) // 2 if k == 'largest' else k
+  @parameterized.product(batch=[3, 10, 33, 100], k=[1, 4, 'largest'],
+                         backend=winsorize.BACKENDS)
+  def test_trimmed_sums_match_sorting(self, batch, k, backend):
+    k = (batch - 1) // 2 if k == 'largest' else min(k, (batch - 1) // 2)
     a, d = awkward_values(batch, 6, batch), awkward_values(batch, 5, batch + 1)
     outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
     expected = np.sort(outer, axis=0)[k:batch - k].sum(axis=0)
-    self.assertAllClose(winsorize.trimmed_outer_sum(a, d, k), expected, rtol=1e-5, atol=1e-5)
-    self.assertAllClose(winsorize.trimmed_sum(d, k),
+    self.assertAllClose(winsorize.trimmed_outer_sum(a, d, k, backend=backend), expected,
+                        rtol=1e-5, atol=1e-5)
+    self.assertAllClose(winsorize.trimmed_sum(d, k, backend=backend),
                         np.sort(d.astype(np.float64), axis=0)[k:batch - k].sum(axis=0),
                         rtol=1e-5, atol=1e-5)
 
-  def test_trimmed_sums_of_own_columns(self):
+  @parameterized.parameters(*winsorize.BACKENDS)
+  def test_trimmed_sums_of_own_columns(self, backend):
     a, d = awkward_values(20, 4, 0), awkward_values(20, 6, 1)
-    whole = winsorize.trimmed_outer_sum(a, d, 3).numpy()
+    whole = winsorize.trimmed_outer_sum(a, d, 3, backend=backend).numpy()
     columns = tf.constant([4, 1, -1], tf.int32)
-    part = winsorize.trimmed_outer_sum(a, d, 3, columns).numpy()
+    part = winsorize.trimmed_outer_sum(a, d, 3, columns, backend=backend).numpy()
     self.assertAllEqual(part[:, :2], whole[:, [4, 1]])
     self.assertAllEqual(part[:, 2], np.zeros(4))
 

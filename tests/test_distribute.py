@@ -74,7 +74,8 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.named_parameters(
       ('sgd', {'winsor_c': 0}),
-      ('winsorized_fast', {'winsor_c': 2}),
+      ('winsorized_fast', {'winsor_c': 2}),  # the compiled CPU kernel
+      ('winsorized_xla', {'winsor_c': 2, 'winsor_impl': 'xla'}),  # what GPUs and TPUs run
       ('winsorized_reference', {'winsor_c': 2, 'winsor_impl': 'reference'}),
       ('with_decomposition', {'decomp_every': 25}),
       ('with_forgetting', {'winsor_c': 2, 'forgetting': True}),

@@ -67,7 +67,7 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     self.assertLess(np.median(record['first_learned_step'][~corrupt]),
                     np.median(record['first_learned_step'][corrupt]))
 
-  @parameterized.parameters('fast', 'reference')
+  @parameterized.parameters('fast', 'xla', 'cpu_kernel', 'reference')
   def test_one_winsorized_step_matches_numpy(self, impl):
     dataset = separable_dataset(num_train=40)
     config = tiny_config(hidden=(8, 6), winsor_c=10, winsor_impl=impl, batch_size=40,
@@ -102,6 +102,17 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
                         self.create_tempdir().full_path)
     for f, r in zip(fast, ref):
       self.assertAllClose(f, r, rtol=1e-4, atol=1e-5)
+
+  @parameterized.parameters({'winsor_c': 2}, {'winsor_c': 8},
+                            {'aggregator': 'trimmed_mean', 'trim_k': 4})
+  def test_cpu_kernel_and_xla_train_the_same_bits(self, **settings):
+    dataset = separable_dataset(num_train=200)
+    runs = [final_weights(tiny_config(hidden=(16, 8), batch_size=100, noise=0.5,
+                                      winsor_impl=impl, **settings),
+                          dataset, self.create_tempdir().full_path)
+            for impl in ('cpu_kernel', 'xla')]
+    for by_kernel, by_xla in zip(*runs):
+      self.assertAllEqual(by_kernel, by_xla)
 
   def test_same_config_same_numbers(self):
     dataset = separable_dataset()

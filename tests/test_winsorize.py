@@ -41,22 +41,29 @@ class WinsorizeTest(parameterized.TestCase, tf.test.TestCase):
                         rtol=1e-5, atol=1e-5)
     self.assertAllClose(winsorize.winsorized_sum_reference(tf.constant(values), c), expected,
                         rtol=1e-5, atol=1e-5)
+    if c:
+      by_kernel, _ = winsorize.winsorized_sum_and_count(tf.constant(values), c,
+                                                        backend='cpu_kernel')
+      self.assertAllClose(by_kernel, expected, rtol=1e-5, atol=1e-5)
 
-  @parameterized.product(c=[1, 2, 4, 8], kind=['normal', 'ties', 'sparse'])
-  def test_clipped_count(self, c, kind):
+  @parameterized.product(c=[1, 2, 4, 8], kind=['normal', 'ties', 'sparse'],
+                         backend=winsorize.BACKENDS)
+  def test_clipped_count(self, c, kind, backend):
     values = fresh_values(kind, 100, (40,), seed=c)
-    _, num_clipped = winsorize.winsorized_sum_and_count(tf.constant(values), float(c))
+    _, num_clipped = winsorize.winsorized_sum_and_count(tf.constant(values), float(c),
+                                                        backend=backend)
     self.assertEqual(int(num_clipped), reference.num_clipped(values, c))
 
-  @parameterized.product(c=[1, 2, 8, 30], batch=[1, 9, 10, 23, 100], kind=['normal', 'ties'])
-  def test_outer_products_match_numpy(self, c, batch, kind):
+  @parameterized.product(c=[1, 2, 8, 30], batch=[1, 9, 10, 23, 100], kind=['normal', 'ties'],
+                         backend=winsorize.BACKENDS)
+  def test_outer_products_match_numpy(self, c, batch, kind, backend):
     rng = np.random.default_rng(batch + c)
     activations = np.maximum(fresh_values(kind, batch, (6,), c), 0)  # ReLU outputs
     activations[rng.random(activations.shape) < 0.3] = 0  # and dead units
     deltas = fresh_values(kind, batch, (4,), c + 1)
     per_example = np.einsum('bi,bo->bio', activations, deltas)
     total, num_clipped = winsorize.winsorized_outer_sum_and_count(
-        tf.constant(activations), tf.constant(deltas), float(c))
+        tf.constant(activations), tf.constant(deltas), float(c), backend=backend)
     self.assertAllClose(total, reference.winsorized_sum(per_example, c), rtol=1e-5, atol=1e-5)
     self.assertEqual(int(num_clipped), reference.num_clipped(per_example, c))
 

@@ -1,0 +1,116 @@
+// CgTfOuterExtremes: extremes.h as a TensorFlow CPU op, its rows split over
+// TensorFlow's intra-op threads. Each row is computed whole by one thread, so
+// the results do not depend on the number of threads.
+
+#include <atomic>
+#include <cstring>
+
+#include "extremes.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace cg_tf {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::shape_inference::InferenceContext;
+
+REGISTER_OP("CgTfOuterExtremes")
+    .Input("activations: float")
+    .Input("deltas: float")
+    .Attr("num_high: int >= 0")
+    .Attr("num_low: int >= 0")
+    .Output("largest_sum: float")
+    .Output("upper: float")
+    .Output("smallest_sum: float")
+    .Output("lower: float")
+    .Output("num_clipped: int64")
+    .SetShapeFn([](InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle a, d;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &d));
+      const auto coordinates = c->Matrix(c->Dim(a, 1), c->Dim(d, 1));
+      for (int i = 0; i < 4; ++i) c->set_output(i, coordinates);
+      c->set_output(4, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+For every coordinate (i, j) of the per-example values activations[e, i] *
+deltas[e, j]: the sum of the num_high largest, the next largest, the sum of the
+num_low smallest and the next smallest; and how many values lie strictly
+outside those two bounds. activations [batch, fan_in], deltas [batch, fan_out];
+four [fan_in, fan_out] outputs and an int64 scalar.
+)doc");
+
+class OuterExtremesOp : public OpKernel {
+ public:
+  explicit OuterExtremesOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("num_high", &num_high_));
+    OP_REQUIRES_OK(context, context->GetAttr("num_low", &num_low_));
+    OP_REQUIRES(context, (num_high_ > num_low_ ? num_high_ : num_low_) < kMaxKept,
+                absl::InvalidArgumentError("CgTfOuterExtremes clips at most 15 values a side"));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& activations = context->input(0);
+    const Tensor& deltas = context->input(1);
+    OP_REQUIRES(context, activations.dims() == 2 && deltas.dims() == 2 &&
+                             activations.dim_size(0) == deltas.dim_size(0),
+                absl::InvalidArgumentError("activations and deltas must be [batch, n] matrices"));
+    const int64_t batch = activations.dim_size(0);
+    const int64_t fan_in = activations.dim_size(1);
+    const int64_t fan_out = deltas.dim_size(1);
+    OP_REQUIRES(context, (num_high_ > num_low_ ? num_high_ : num_low_) < batch,
+                absl::InvalidArgumentError("CgTfOuterExtremes needs more examples than it keeps"));
+    Tensor* outputs[4];
+    for (int k = 0; k < 4; ++k) {
+      OP_REQUIRES_OK(context,
+                     context->allocate_output(k, TensorShape({fan_in, fan_out}), &outputs[k]));
+    }
+    Tensor* num_clipped;
+    OP_REQUIRES_OK(context, context->allocate_output(4, TensorShape({}), &num_clipped));
+    // The kernel reads whole vectors of columns: pad the errors with zero columns.
+    const int64_t padded_out = (fan_out + kLanes - 1) / kLanes * kLanes;
+    const float* d = deltas.flat<float>().data();
+    Tensor padded;
+    if (padded_out != fan_out) {
+      OP_REQUIRES_OK(context, context->allocate_temp(::tensorflow::DT_FLOAT,
+                                                     TensorShape({batch, padded_out}), &padded));
+      float* p = padded.flat<float>().data();
+      std::memset(p, 0, sizeof(float) * batch * padded_out);
+      for (int64_t e = 0; e < batch; ++e) {
+        std::memcpy(p + e * padded_out, d + e * fan_out, sizeof(float) * fan_out);
+      }
+      d = p;
+    }
+    const Extremes out{outputs[0]->flat<float>().data(), outputs[1]->flat<float>().data(),
+                       outputs[2]->flat<float>().data(), outputs[3]->flat<float>().data()};
+    const float* a = activations.flat<float>().data();
+    std::atomic<int64_t> clipped{0};
+    const int kept = (num_high_ > num_low_ ? num_high_ : num_low_) + 1;
+    // Cost of a row, in the sharder's units (about a cycle): two min/max a
+    // level a side per value.
+    const int64_t cost_per_row = batch * padded_out * (4 * kept + 1) / kLanes;
+    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers.num_threads, workers.workers, fan_in, cost_per_row,
+                        [&](int64_t begin, int64_t end) {
+                          clipped += OuterExtremes(a, d, batch, fan_in, fan_out, padded_out,
+                                                   num_high_, num_low_, begin, end, out);
+                        });
+    num_clipped->scalar<int64_t>()() = clipped.load();
+  }
+
+ private:
+  int num_high_;
+  int num_low_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("CgTfOuterExtremes").Device(::tensorflow::DEVICE_CPU),
+                        OuterExtremesOp);
+
+}  // namespace cg_tf

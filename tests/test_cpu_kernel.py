@@ -1,0 +1,151 @@
+"""The compiled CPU kernel (cg_tf/cpu_kernel.py) gives the XLA network's bits, and fails cleanly."""
+
+import os
+import subprocess
+import sys
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from cg_tf import cpu_kernel
+from cg_tf import winsorize
+from cg_tf.errors import UserInputError
+from tests import reference
+from tests import test_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def layer_factors(kind, batch, fan_in, fan_out, seed):
+  """A Dense layer's inputs a [batch, fan_in] (>= 0) and errors d [batch, fan_out], float32."""
+  rng = np.random.default_rng(seed)
+  a = np.maximum(rng.normal(size=(batch, fan_in)), 0)
+  a[rng.random(a.shape) < 0.5] = 0  # blank pixels, inactive ReLUs
+  d = rng.normal(size=(batch, fan_out)) / 100
+  if kind == 'ties':  # few distinct values: ties at every rank
+    a, d = np.round(a * 2) / 2, np.round(d * 300) / 300
+  elif kind == 'sparse_errors':  # inactive units pass back exact zeros
+    d[rng.random(d.shape) < 0.6] = 0
+  elif kind == 'blank_rows':  # inputs that no example sets, and one that all do
+    a[:, ::3] = 0
+    a[:, 1] = 1.0
+  elif kind == 'one_class':  # every example the same, as a batch of one class can be
+    a[:], d[:] = a[0], d[0]
+  elif kind == 'negative_inputs':  # inputs of either sign (e.g. normalised pixels)
+    a = rng.normal(size=(batch, fan_in))
+  return a.astype(np.float32), d.astype(np.float32)
+
+
+class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
+
+  def test_builds_and_loads_on_this_machine(self):
+    self.assertIsNone(cpu_kernel.unavailable_reason())
+
+  @parameterized.product(kind=['normal', 'ties', 'sparse_errors', 'blank_rows', 'one_class',
+                               'negative_inputs'],
+                         c=[0.5, 1, 2, 4, 8, 15])
+  def test_same_bits_as_xla(self, kind, c):
+    # 37 x 33: rows and columns that fill no whole vector of 16.
+    a, d = (tf.constant(x) for x in layer_factors(kind, 100, 37, 33, seed=int(c * 2)))
+    for function, args in ((winsorize.winsorized_outer_sum_and_count, (a, d, float(c))),
+                           (winsorize.winsorized_sum_and_count, (d, float(c)))):
+      by_xla, by_kernel = (function(*args, backend=backend) for backend in ('xla', 'cpu_kernel'))
+      self.assertAllEqual(by_kernel[0], by_xla[0])
+      self.assertEqual(int(by_kernel[1]), int(by_xla[1]))
+    k = winsorize.nearest_ranks(c, 100)[0]
+    if k:
+      self.assertAllEqual(winsorize.trimmed_outer_sum(a, d, k, backend='cpu_kernel'),
+                          winsorize.trimmed_outer_sum(a, d, k, backend='xla'))
+
+  @parameterized.product(batch=[1, 2, 3, 17, 64], fan_out=[1, 10, 16])
+  def test_small_batches_and_widths_match_numpy(self, batch, fan_out):
+    a, d = layer_factors('ties', batch, 5, fan_out, seed=batch + fan_out)
+    per_example = np.einsum('bi,bo->bio', a, d)
+    for c in (2, 20, 40):
+      total, num_clipped = winsorize.winsorized_outer_sum_and_count(
+          tf.constant(a), tf.constant(d), float(c), backend='cpu_kernel')
+      self.assertAllClose(total, reference.winsorized_sum(per_example, c), rtol=1e-5, atol=1e-7)
+      self.assertEqual(int(num_clipped), reference.num_clipped(per_example, c))
+
+  def test_each_coordinate_keeps_its_bits_in_a_replicas_block_of_columns(self):
+    a, d = (tf.constant(x) for x in layer_factors('normal', 100, 20, 24, seed=5))
+    whole, _ = winsorize.winsorized_outer_sum_and_count(a, d, 4.0, backend='cpu_kernel')
+    columns = tf.constant([5, 23, 0, -1], tf.int32)  # the last is padding
+    block, _ = winsorize.winsorized_outer_sum_and_count(a, d, 4.0, columns, backend='cpu_kernel')
+    self.assertAllEqual(block[:, :3], tf.gather(whole, [5, 23, 0], axis=1))
+    self.assertAllEqual(block[:, 3], tf.zeros([20]))
+    by_xla, _ = winsorize.winsorized_outer_sum_and_count(a, d, 4.0, columns, backend='xla')
+    self.assertAllEqual(block, by_xla)
+
+  def test_extremes_against_sorting(self):
+    a, d = layer_factors('ties', 50, 9, 18, seed=3)
+    values = np.sort(np.einsum('bi,bo->bio', a, d), axis=0)  # float32 products, as the kernel's
+    extremes = cpu_kernel.outer_extremes(a, d, num_high=3, num_low=5)
+    self.assertAllClose(extremes.largest_sum, values[-3:].astype(np.float64).sum(axis=0),
+                        rtol=1e-6, atol=1e-9)
+    self.assertAllEqual(extremes.upper, values[-4])
+    self.assertAllClose(extremes.smallest_sum, values[:5].astype(np.float64).sum(axis=0),
+                        rtol=1e-6, atol=1e-9)
+    self.assertAllEqual(extremes.lower, values[5])
+    self.assertEqual(int(extremes.num_clipped),
+                     int((values[-3:] > values[-4]).sum() + (values[:5] < values[5]).sum()))
+
+  def test_more_clipped_than_the_kernel_keeps_goes_to_xla(self):
+    a, d = (tf.constant(x) for x in layer_factors('normal', 100, 4, 3, seed=1))
+    c = 30  # 30 values a side, over MAX_CLIPPED
+    self.assertGreater(winsorize.clipped_per_side(c, 100)[0], cpu_kernel.MAX_CLIPPED)
+    total, _ = winsorize.winsorized_outer_sum_and_count(a, d, float(c), backend='cpu_kernel')
+    self.assertAllClose(total, reference.winsorized_sum(np.einsum('bi,bo->bio', a, d), c),
+                        rtol=1e-5, atol=1e-7)
+
+  def test_the_op_refuses_what_it_cannot_compute(self):
+    a, d = layer_factors('normal', 4, 3, 2, seed=0)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, 'more examples than it keeps'):
+      cpu_kernel.outer_extremes(a, d, num_high=4, num_low=0)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, 'at most 15'):
+      cpu_kernel.outer_extremes(np.ones((40, 1), np.float32), np.ones((40, 1), np.float32),
+                                num_high=16, num_low=0)
+
+  def test_backend_for(self):
+    self.assertEqual(winsorize.backend_for('fast', on_cpus=True), 'cpu_kernel')
+    self.assertEqual(winsorize.backend_for('fast', on_cpus=False), 'xla')
+    self.assertEqual(winsorize.backend_for('xla', on_cpus=True), 'xla')
+    self.assertEqual(winsorize.backend_for('cpu_kernel', on_cpus=True), 'cpu_kernel')
+    with self.assertRaisesRegex(UserInputError, 'runs on CPUs'):
+      winsorize.backend_for('cpu_kernel', on_cpus=False)
+
+  def test_the_build_is_kept_and_named_by_what_it_depends_on(self):
+    library = cpu_kernel._library_path(cpu_kernel._compiler())
+    self.assertTrue(os.path.exists(library), library)
+    self.assertEqual(os.path.dirname(library), cpu_kernel.cache_dir())
+
+
+class WithoutCompilerTest(tf.test.TestCase):
+  """No C++ compiler: 'fast' winsorizes by XLA and says why; 'cpu_kernel' is one line, exit 2."""
+
+  def run_py(self, *args):
+    env = dict(os.environ, CXX='/nonexistent/c++', CG_TF_CACHE=self.create_tempdir().full_path)
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+  def test_fast_falls_back_to_xla_and_explicit_kernel_is_refused(self):
+    data_dir = test_data.fake_mnist_dir('no_compiler', num_train=200)
+    common = [f'--data_dir={data_dir}', '--hidden=8', '--steps=3', '--eval_every=3',
+              '--winsor_c=2']
+    fast = self.run_py(*common, f'--logdir={self.create_tempdir().full_path}/fast')
+    self.assertEqual(fast.returncode, 0, fast.stderr[-2000:])
+    self.assertIn('winsorizing by XLA, not the compiled CPU kernel', fast.stderr)
+    self.assertIn('/nonexistent/c++ is not on the PATH', fast.stderr)
+    self.assertIn('extremes by XLA', fast.stderr)
+    logdir = f'{self.create_tempdir().full_path}/kernel'
+    refused = self.run_py(*common, '--winsor_impl=cpu_kernel', f'--logdir={logdir}')
+    self.assertEqual(refused.returncode, 2, refused.stderr[-2000:])
+    self.assertNotIn('Traceback', refused.stderr)
+    self.assertRegex(refused.stderr.strip().splitlines()[-1],
+                     r'^run.py: error: --winsor_impl=cpu_kernel: the CPU kernel is not available'
+                     r' \(no C\+\+ compiler.*use --winsor_impl=xla')
+
+
+if __name__ == '__main__':
+  tf.test.main()
