@@ -31,7 +31,8 @@ def save(fig, out: str, dpi: int = 110, rect=(0, 0, 1, 1)) -> None:
   fig.tight_layout(rect=rect)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=dpi)
-  fig.savefig(os.path.splitext(out)[0] + '.pdf')
+  # No creation date: a figure redrawn from the same runs is the same file.
+  fig.savefig(os.path.splitext(out)[0] + '.pdf', metadata={'CreationDate': None})
   plt.close(fig)
 
 
