@@ -12,7 +12,9 @@ this CPU (-march=native), by $CXX or else g++, into $CG_TF_CACHE or else
 ~/.cache/cg_tf. The file name hashes the sources, TensorFlow's version and
 flags, the compiler and the CPU, so later processes on the machine load it
 at once, and a changed source, TensorFlow or CPU gets a build of its own.
-Without a compiler, `unavailable_reason` says why and winsorize.py keeps XLA.
+If the cache cannot be written, it is compiled into a temporary directory for
+the process. Without a compiler, `unavailable_reason` says why and
+winsorize.py keeps XLA.
 """
 
 import functools
@@ -129,7 +131,13 @@ def _load() -> Tuple[Optional[object], Optional[str]]:
     start = time.time()
     log.info('compiling the CPU winsorization kernel into %s (once per machine)', path)
     try:
-      _build(compiler, path)
+      try:
+        _build(compiler, path)
+      except OSError as e:  # the cache cannot be written: build for this process alone
+        path = os.path.join(tempfile.mkdtemp(prefix='cg_tf_kernel_'), os.path.basename(path))
+        log.info('%s cannot be written (%s); compiling into %s for this run only',
+                 cache_dir(), e.strerror or e, os.path.dirname(path))
+        _build(compiler, path)
     except (RuntimeError, OSError) as e:
       return None, str(e)
     log.info('compiled the CPU winsorization kernel in %.0f s', time.time() - start)

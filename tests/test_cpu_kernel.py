@@ -120,6 +120,19 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
     self.assertTrue(os.path.exists(library), library)
     self.assertEqual(os.path.dirname(library), cpu_kernel.cache_dir())
 
+  def test_an_unwritable_cache_builds_for_the_process_alone(self):
+    unwritable = os.path.join(self.create_tempdir().full_path, 'cache')
+    os.makedirs(unwritable, mode=0o500)
+    if os.access(unwritable, os.W_OK):  # root writes anywhere: use a path under a file
+      unwritable = os.path.join(self.create_tempfile().full_path, 'cache')
+    result = subprocess.run(
+        [sys.executable, '-c', 'from cg_tf import cpu_kernel; '
+         'print(cpu_kernel.unavailable_reason())'],
+        cwd=ROOT, env=dict(os.environ, CG_TF_CACHE=unwritable), capture_output=True, text=True,
+        timeout=600)
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertEqual(result.stdout.strip().splitlines()[-1], 'None')
+
 
 class WithoutCompilerTest(tf.test.TestCase):
   """No C++ compiler: 'fast' winsorizes by XLA and says why; 'cpu_kernel' is one line, exit 2."""
