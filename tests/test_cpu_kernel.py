@@ -1,9 +1,11 @@
 """The compiled CPU kernel (cg_tf/cpu_kernel.py) gives the XLA network's bits, and fails cleanly."""
 
 import os
+import platform
 import subprocess
 import sys
 
+from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
@@ -119,6 +121,30 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
     library = cpu_kernel._library_path(cpu_kernel._compiler())
     self.assertTrue(os.path.exists(library), library)
     self.assertEqual(os.path.dirname(library), cpu_kernel.cache_dir())
+
+  @absltest.skipUnless(platform.machine() == 'x86_64', 'x86-64 instruction sets')
+  def test_same_bits_when_compiled_for_an_older_cpu(self):
+    # The kernel's vectors are as wide as the CPU's registers: 4 floats on
+    # baseline x86-64 (SSE2), where this machine may use 8 or 16.
+    script = '''
+import numpy as np
+from cg_tf import cpu_kernel, winsorize
+from tests.test_cpu_kernel import layer_factors
+cpu_kernel.NATIVE_FLAGS = ('-march=x86-64',)
+assert cpu_kernel.unavailable_reason() is None, cpu_kernel.unavailable_reason()
+for kind in ('ties', 'blank_rows'):
+  for c in (2.0, 8.0):
+    a, d = layer_factors(kind, 100, 21, 13, seed=7)
+    x = winsorize.winsorized_outer_sum_and_count(a, d, c, backend='xla')
+    k = winsorize.winsorized_outer_sum_and_count(a, d, c, backend='cpu_kernel')
+    assert np.array_equal(x[0], k[0]) and int(x[1]) == int(k[1]), (kind, c)
+print('same bits')
+'''
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600,
+                            env=dict(os.environ, CG_TF_CACHE=self.create_tempdir().full_path))
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertEqual(result.stdout.strip().splitlines()[-1], 'same bits')
 
   def test_an_unwritable_cache_builds_for_the_process_alone(self):
     unwritable = os.path.join(self.create_tempdir().full_path, 'cache')

@@ -21,6 +21,17 @@
 namespace cg_tf {
 namespace {
 
+// Columns handled together: one vector register of floats, so that c = 8's
+// 18 running extremes stay in the registers (AVX-512 has 32 of 16 floats,
+// AVX 16 of 8, SSE and NEON 16 or 32 of 4).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -140,6 +151,8 @@ int64_t RowsOf(int kept, std::integer_sequence<int, K...>, const float* a, const
 }
 
 }  // namespace
+
+int64_t PaddedWidth(int64_t fan_out) { return (fan_out + kLanes - 1) / kLanes * kLanes; }
 
 int64_t OuterExtremes(const float* a, const float* d, int64_t batch, int64_t fan_in,
                       int64_t fan_out, int64_t padded_out, int num_high, int num_low,

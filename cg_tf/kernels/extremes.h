@@ -15,8 +15,10 @@ namespace cg_tf {
 
 // Largest number of extremes a side (num_high + 1 or num_low + 1) handled here.
 constexpr int kMaxKept = 16;
-// Columns handled together: one 512-bit vector of floats.
-constexpr int kLanes = 16;
+
+// How many columns d must hold, zero-padded, for `fan_out` columns: a
+// multiple of the vector width extremes.cc was compiled for.
+int64_t PaddedWidth(int64_t fan_out);
 
 // Per coordinate: the sum of the num_high largest values (largest first), the
 // next largest value, the sum of the num_low smallest (smallest first) and the
@@ -30,8 +32,8 @@ struct Extremes {
 
 // Fills rows [row_begin, row_end) of `out` for the values a[e, i] * d[e, j].
 //
-// a is [batch, fan_in] and d is [batch, padded_out] (row-major), padded_out a
-// multiple of kLanes with zeros beyond fan_out. max(num_high, num_low) + 1
+// a is [batch, fan_in] and d is [batch, padded_out] (row-major), padded_out =
+// PaddedWidth(fan_out), with zeros beyond fan_out. max(num_high, num_low) + 1
 // must be at most kMaxKept, and at most batch. Returns how many values are
 // strictly above their coordinate's upper or below its lower value.
 int64_t OuterExtremes(const float* a, const float* d, int64_t batch, int64_t fan_in,

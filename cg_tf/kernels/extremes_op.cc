@@ -75,7 +75,7 @@ class OuterExtremesOp : public OpKernel {
     Tensor* num_clipped;
     OP_REQUIRES_OK(context, context->allocate_output(4, TensorShape({}), &num_clipped));
     // The kernel reads whole vectors of columns: pad the errors with zero columns.
-    const int64_t padded_out = (fan_out + kLanes - 1) / kLanes * kLanes;
+    const int64_t padded_out = PaddedWidth(fan_out);
     const float* d = deltas.flat<float>().data();
     Tensor padded;
     if (padded_out != fan_out) {
@@ -95,7 +95,7 @@ class OuterExtremesOp : public OpKernel {
     const int kept = (num_high_ > num_low_ ? num_high_ : num_low_) + 1;
     // Cost of a row, in the sharder's units (about a cycle): two min/max a
     // level a side per value.
-    const int64_t cost_per_row = batch * padded_out * (4 * kept + 1) / kLanes;
+    const int64_t cost_per_row = batch * padded_out * (4 * kept + 1) / 8;
     const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
     ::tensorflow::Shard(workers.num_threads, workers.workers, fan_in, cost_per_row,
                         [&](int64_t begin, int64_t end) {
