@@ -25,6 +25,8 @@ from typing import List, Sequence, Tuple
 
 import tensorflow as tf
 
+from cg_tf import cpu_kernel
+
 # Seeds the DP noise apart from the minibatch shuffle, which also keys on config.seed.
 _NOISE_STREAM = 7
 
@@ -67,16 +69,22 @@ def gaussian_noise(shapes: Sequence[tf.TensorShape], stddev: float, seed: int,
       stddev=stddev) for i, shape in enumerate(shapes)]
 
 
-def outer_median(activations: tf.Tensor, deltas: tf.Tensor) -> tf.Tensor:
+def outer_median(activations: tf.Tensor, deltas: tf.Tensor, backend: str = 'xla') -> tf.Tensor:
   """Coordinate-wise median over e of outer(a_e, delta_e): [fan_in, fan_out], as np.median.
 
   Exact zeros decide most coordinates: where more than half of a row's
   activations (or of a column's errors) are 0, more than half of the
-  coordinate's values are 0, and so is its median. Only the other rows and
-  columns are formed, [rows, columns, B], and sorted.
+  coordinate's values are 0, and so is its median. With backend 'xla' only
+  the other rows and columns are formed, [rows, columns, B], and sorted;
+  with 'cpu_kernel' the compiled CPU kernel sorts them a vector of columns
+  at a time (cpu_kernel.outer_middles), and the two middle values are
+  averaged here as below, so both give the same numbers.
   """
   batch, fan_in = activations.shape
   fan_out = deltas.shape[1]
+  if backend == 'cpu_kernel':
+    lower, upper = cpu_kernel.outer_middles(activations, deltas)
+    return upper if batch % 2 else (lower + upper) / 2
   # More than batch / 2 zeros <=> fewer than batch - batch // 2 nonzeros.
   needed = batch - batch // 2
   rows = tf.where(tf.math.count_nonzero(activations, axis=0) >= needed)[:, 0]

@@ -41,9 +41,10 @@ class Config:
     checkpoint_every: checkpoint every this many steps (and at the end).
     winsor_c: winsorization percentile c in [0, 50); 0 is plain SGD.
     winsor_impl: how winsorize and trimmed_mean find each coordinate's
-      extremes: 'fast' (exact: the compiled CPU kernel on CPUs, the XLA
-      min/max network elsewhere; the same bits), 'xla', 'cpu_kernel', or
-      'reference' (winsorize only: vectorized_map and tfp.stats.percentile).
+      extremes, and median its middle values: 'fast' (exact: the compiled
+      CPU kernel on CPUs, XLA elsewhere; the same numbers), 'xla',
+      'cpu_kernel', or 'reference' (winsorize only: vectorized_map and
+      tfp.stats.percentile).
     deterministic: enable TensorFlow's op determinism (slower on GPU).
     eval_batch_size: examples per forward pass during evaluation.
     decomp_every: measure the §2.4 decomposition every this many steps; 0 = off.

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel of the fast winsorized and trimmed sums (cg_tf/kernels/).
+"""The compiled CPU kernels of the fast winsorized and trimmed sums and the median (cg_tf/kernels/).
 
 On a CPU, XLA turns winsorize.py's min/max network into one loop per running
 extreme, each recomputing the comparisons it depends on (docs/results.md).
@@ -146,12 +146,20 @@ def _load() -> Tuple[Optional[object], Optional[str]]:
   except (tf.errors.NotFoundError, OSError) as e:
     return None, f'{path} cannot be loaded: {str(e).splitlines()[0]}'
   tf.no_gradient('CgTfOuterExtremes')
+  tf.no_gradient('CgTfOuterMiddles')
   return library, None
 
 
 def unavailable_reason() -> Optional[str]:
   """None if the kernel is built (or builds now) and loads; else why not, in one line."""
   return _load()[1]
+
+
+def _library():
+  library, reason = _load()
+  if library is None:
+    raise RuntimeError(f'the CPU winsorization kernel is not available: {reason}')
+  return library
 
 
 def outer_extremes(activations: tf.Tensor, deltas: tf.Tensor, num_high: int,
@@ -170,8 +178,24 @@ def outer_extremes(activations: tf.Tensor, deltas: tf.Tensor, num_high: int,
   Raises:
     RuntimeError: the kernel is not available (unavailable_reason() says why).
   """
-  library, reason = _load()
-  if library is None:
-    raise RuntimeError(f'the CPU winsorization kernel is not available: {reason}')
-  return Extremes(*library.cg_tf_outer_extremes(activations, deltas, num_high=num_high,
-                                                 num_low=num_low))
+  return Extremes(*_library().cg_tf_outer_extremes(activations, deltas, num_high=num_high,
+                                                    num_low=num_low))
+
+
+def outer_middles(activations: tf.Tensor, deltas: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The two middle values over e of activations[e, i] * deltas[e, j], coordinate by coordinate.
+
+  Args:
+    activations: float32 [batch, fan_in].
+    deltas: float32 [batch, fan_out].
+
+  Returns:
+    (lower, upper), each [fan_in, fan_out]: the values at sorted positions
+    batch // 2 - 1 and batch // 2 (batch // 2 for both when batch is odd); 0
+    and 0 where more than half of the row's activations or of the column's
+    errors are 0, which makes the median 0.
+
+  Raises:
+    RuntimeError: the kernel is not available (unavailable_reason() says why).
+  """
+  return tuple(_library().cg_tf_outer_middles(activations, deltas))

@@ -129,9 +129,10 @@ class Experiment:
     self.permutation = tf.Variable(tf.range(num_train, dtype=tf.int32), trainable=False)
     self.permutation_epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
     self.num_parameters = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
-    # How the fast winsorized and trimmed sums find their extremes (winsorize.py).
+    # How the fast winsorized and trimmed sums find their extremes, and the
+    # median its middle values (winsorize.py, aggregators.py).
     self.extremes_backend = None
-    if config.aggregator == 'trimmed_mean' or (
+    if config.aggregator in ('trimmed_mean', 'median') or (
         config.aggregator == 'winsorize' and config.winsor_c > 0 and
         config.winsor_impl != 'reference'):
       self.extremes_backend = winsorize.backend_for(config.winsor_impl,
@@ -243,7 +244,8 @@ class Experiment:
     if config.aggregator == 'median':
       sums = []
       for a, delta in factors:
-        sums += [aggregators.outer_median(a, delta), aggregators.median(delta)]
+        sums += [aggregators.outer_median(a, delta, self.extremes_backend),
+                 aggregators.median(delta)]
       return sums
     sums = aggregators.clipped_sums(factors, config.clip_norm)
     if config.aggregator == 'dp':

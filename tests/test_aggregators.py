@@ -53,17 +53,17 @@ class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllEqual(part[:, :2], whole[:, [4, 1]])
     self.assertAllEqual(part[:, 2], np.zeros(4))
 
-  @parameterized.parameters(1, 2, 7, 10, 100)
-  def test_median_matches_numpy(self, batch):
+  @parameterized.product(batch=[1, 2, 7, 10, 100], backend=winsorize.BACKENDS)
+  def test_median_matches_numpy(self, batch, backend):
     a, d = awkward_values(batch, 5, batch), awkward_values(batch, 4, 2 * batch)
     self.assertAllClose(aggregators.median(d), np.median(d.astype(np.float64), axis=0),
                         rtol=1e-6, atol=1e-7)
     outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
-    self.assertAllClose(aggregators.outer_median(a, d), np.median(outer, axis=0), rtol=1e-5,
-                        atol=1e-6)
+    self.assertAllClose(aggregators.outer_median(a, d, backend), np.median(outer, axis=0),
+                        rtol=1e-5, atol=1e-6)
 
-  @parameterized.parameters(10, 11)
-  def test_outer_median_with_mostly_zero_rows_and_columns(self, batch):
+  @parameterized.product(batch=[10, 11], backend=winsorize.BACKENDS)
+  def test_outer_median_with_mostly_zero_rows_and_columns(self, batch, backend):
     a, d = awkward_values(batch, 8, 3), awkward_values(batch, 6, 4)
     half = batch // 2
     a[:half + 1, 3] = 0.0  # more than half zero: the row's median is 0
@@ -72,14 +72,16 @@ class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
     d[:half + 1, 2] = 0.0
     d[1:half + 1, 3] = 0.0
     outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
-    self.assertAllClose(aggregators.outer_median(a, d), np.median(outer, axis=0), rtol=1e-5,
-                        atol=1e-6)
+    self.assertAllClose(aggregators.outer_median(a, d, backend), np.median(outer, axis=0),
+                        rtol=1e-5, atol=1e-6)
 
-  def test_outer_median_when_every_row_or_column_is_mostly_zero(self):
+  @parameterized.parameters(*winsorize.BACKENDS)
+  def test_outer_median_when_every_row_or_column_is_mostly_zero(self, backend):
     a, d = awkward_values(10, 4, 5), awkward_values(10, 3, 6)
-    self.assertAllEqual(aggregators.outer_median(np.zeros_like(a), d), np.zeros((4, 3)))
-    self.assertAllEqual(aggregators.outer_median(a, np.zeros_like(d)), np.zeros((4, 3)))
-    median = tf.function(aggregators.outer_median)  # as in the training step: traced once
+    self.assertAllEqual(aggregators.outer_median(np.zeros_like(a), d, backend), np.zeros((4, 3)))
+    self.assertAllEqual(aggregators.outer_median(a, np.zeros_like(d), backend), np.zeros((4, 3)))
+    # As in the training step: traced once.
+    median = tf.function(lambda a, d: aggregators.outer_median(a, d, backend))
     self.assertAllEqual(median(np.zeros_like(a), d), np.zeros((4, 3)))
     outer = np.einsum('bi,bo->bio', a.astype(np.float64), d.astype(np.float64))
     self.assertAllClose(median(a, d), np.median(outer, axis=0), rtol=1e-5, atol=1e-6)

@@ -10,6 +10,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
+from cg_tf import aggregators
 from cg_tf import cpu_kernel
 from cg_tf import winsorize
 from cg_tf.errors import UserInputError
@@ -64,6 +65,18 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
     if k:
       self.assertAllEqual(bits(winsorize.trimmed_outer_sum(a, d, k, backend='cpu_kernel')),
                           bits(winsorize.trimmed_outer_sum(a, d, k, backend='xla')))
+
+  @parameterized.product(kind=['normal', 'ties', 'sparse_errors', 'blank_rows', 'one_class',
+                               'negative_inputs'],
+                         batch=[1, 2, 3, 7, 64, 100, 101])
+  def test_median_same_values_as_xla(self, kind, batch):
+    a, d = (tf.constant(x) for x in layer_factors(kind, batch, 37, 33, seed=batch))
+    by_kernel = aggregators.outer_median(a, d, backend='cpu_kernel')
+    # Values, not bits: where the median is an exact 0, tf.sort's order of -0.0
+    # and 0.0 is not the kernel's, and the two may differ in sign.
+    self.assertAllEqual(by_kernel, aggregators.outer_median(a, d, backend='xla'))
+    self.assertAllClose(by_kernel, np.median(np.einsum('bi,bo->bio', *(
+        np.asarray(x, np.float64) for x in (a, d))), axis=0), rtol=1e-5, atol=1e-8)
 
   @parameterized.product(batch=[1, 2, 3, 17, 64], fan_out=[1, 10, 16])
   def test_small_batches_and_widths_match_numpy(self, batch, fan_out):

@@ -152,6 +152,64 @@ int64_t RowsOf(int kept, std::integer_sequence<int, K...>, const float* a, const
 
 }  // namespace
 
+void OuterMiddles(const float* a, const float* d, int64_t batch, int64_t fan_in, int64_t fan_out,
+                  int64_t padded_out, int64_t row_begin, int64_t row_end, float* lower,
+                  float* upper) {
+  const int64_t needed = batch - batch / 2;
+  // Columns with enough nonzero errors, as a mask a vector at a time.
+  std::vector<Mask> column_formed(padded_out / kLanes);
+  for (int64_t j = 0; j < padded_out; j += kLanes) {
+    Mask formed;
+    for (int l = 0; l < kLanes; ++l) {
+      int64_t nonzero = 0;
+      for (int64_t e = 0; e < batch; ++e) nonzero += d[e * padded_out + j + l] != 0.0f;
+      formed[l] = nonzero >= needed ? -1 : 0;
+    }
+    column_formed[j / kLanes] = formed;
+  }
+  // Sorted by a bitonic network over a power of two, padded with +inf, which
+  // sorts last and leaves positions below batch to the values.
+  int64_t size = 1;
+  while (size < batch) size *= 2;
+  std::vector<Vec> values(size);
+  const Vec inf = Splat(std::numeric_limits<float>::infinity());
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    int64_t nonzero = 0;
+    for (int64_t e = 0; e < batch; ++e) nonzero += a[e * fan_in + i] != 0.0f;
+    for (int64_t j = 0; j < padded_out; j += kLanes) {
+      Vec low = Splat(0.0f), high = Splat(0.0f);
+      if (nonzero >= needed) {
+        for (int64_t e = 0; e < batch; ++e) {
+          Vec errors;
+          std::memcpy(&errors, d + e * padded_out + j, sizeof(Vec));
+          values[e] = a[e * fan_in + i] * errors;
+        }
+        for (int64_t e = batch; e < size; ++e) values[e] = inf;
+        for (int64_t block = 2; block <= size; block *= 2) {
+          for (int64_t stride = block / 2; stride > 0; stride /= 2) {
+            for (int64_t p = 0; p < size; ++p) {
+              const int64_t q = p ^ stride;
+              if (q <= p) continue;
+              const Vec smaller = Min(values[p], values[q]), larger = Max(values[p], values[q]);
+              const bool ascending = (p & block) == 0;
+              values[p] = ascending ? smaller : larger;
+              values[q] = ascending ? larger : smaller;
+            }
+          }
+        }
+        const Mask formed = column_formed[j / kLanes];
+        high = formed ? values[batch / 2] : Splat(0.0f);
+        low = formed ? values[batch % 2 ? batch / 2 : batch / 2 - 1] : Splat(0.0f);
+      }
+      const int64_t width = fan_out - j < kLanes ? fan_out - j : kLanes;
+      for (int64_t l = 0; l < width; ++l) {
+        lower[i * fan_out + j + l] = low[l];
+        upper[i * fan_out + j + l] = high[l];
+      }
+    }
+  }
+}
+
 int64_t PaddedWidth(int64_t fan_out) { return (fan_out + kLanes - 1) / kLanes * kLanes; }
 
 int64_t OuterExtremes(const float* a, const float* d, int64_t batch, int64_t fan_in,

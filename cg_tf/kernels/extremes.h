@@ -40,6 +40,16 @@ int64_t OuterExtremes(const float* a, const float* d, int64_t batch, int64_t fan
                       int64_t fan_out, int64_t padded_out, int num_high, int num_low,
                       int64_t row_begin, int64_t row_end, const Extremes& out);
 
+// The coordinate-wise median's two middle values: for rows [row_begin, row_end),
+// the values a[e, i] * d[e, j] at sorted positions batch / 2 - 1 and batch / 2
+// (batch / 2 for both when batch is odd), for every coordinate whose row of a
+// and column of d both have at least batch - batch / 2 nonzeros. Elsewhere
+// more than half of the values are 0, and so are both outputs. a, d and
+// padded_out are as for OuterExtremes; lower and upper are [fan_in, fan_out].
+void OuterMiddles(const float* a, const float* d, int64_t batch, int64_t fan_in, int64_t fan_out,
+                  int64_t padded_out, int64_t row_begin, int64_t row_end, float* lower,
+                  float* upper);
+
 }  // namespace cg_tf
 
 #endif  // CG_TF_KERNELS_EXTREMES_H_

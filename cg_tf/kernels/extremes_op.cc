@@ -1,6 +1,6 @@
-// CgTfOuterExtremes: extremes.h as a TensorFlow CPU op, its rows split over
-// TensorFlow's intra-op threads. Each row is computed whole by one thread, so
-// the results do not depend on the number of threads.
+// CgTfOuterExtremes and CgTfOuterMiddles: extremes.h as TensorFlow CPU ops,
+// their rows split over TensorFlow's intra-op threads. Each row is computed
+// whole by one thread, so the results do not depend on the number of threads.
 
 #include <atomic>
 #include <cstring>
@@ -47,6 +47,33 @@ outside those two bounds. activations [batch, fan_in], deltas [batch, fan_out];
 four [fan_in, fan_out] outputs and an int64 scalar.
 )doc");
 
+// `deltas` [batch, fan_out] as the kernels read it: [batch, PaddedWidth(fan_out)],
+// zeros in the padding columns; `padded` holds the copy when one is needed.
+absl::Status PaddedDeltas(OpKernelContext* context, const Tensor& deltas, Tensor* padded,
+                          const float** d) {
+  const int64_t batch = deltas.dim_size(0), fan_out = deltas.dim_size(1);
+  const int64_t padded_out = PaddedWidth(fan_out);
+  *d = deltas.flat<float>().data();
+  if (padded_out == fan_out) return absl::OkStatus();
+  TF_RETURN_IF_ERROR(context->allocate_temp(::tensorflow::DT_FLOAT,
+                                            TensorShape({batch, padded_out}), padded));
+  float* p = padded->flat<float>().data();
+  std::memset(p, 0, sizeof(float) * batch * padded_out);
+  for (int64_t e = 0; e < batch; ++e) {
+    std::memcpy(p + e * padded_out, *d + e * fan_out, sizeof(float) * fan_out);
+  }
+  *d = p;
+  return absl::OkStatus();
+}
+
+absl::Status CheckFactors(const Tensor& activations, const Tensor& deltas) {
+  if (activations.dims() == 2 && deltas.dims() == 2 &&
+      activations.dim_size(0) == deltas.dim_size(0)) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError("activations and deltas must be [batch, n] matrices");
+}
+
 class OuterExtremesOp : public OpKernel {
  public:
   explicit OuterExtremesOp(OpKernelConstruction* context) : OpKernel(context) {
@@ -59,9 +86,7 @@ class OuterExtremesOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     const Tensor& activations = context->input(0);
     const Tensor& deltas = context->input(1);
-    OP_REQUIRES(context, activations.dims() == 2 && deltas.dims() == 2 &&
-                             activations.dim_size(0) == deltas.dim_size(0),
-                absl::InvalidArgumentError("activations and deltas must be [batch, n] matrices"));
+    OP_REQUIRES_OK(context, CheckFactors(activations, deltas));
     const int64_t batch = activations.dim_size(0);
     const int64_t fan_in = activations.dim_size(1);
     const int64_t fan_out = deltas.dim_size(1);
@@ -74,20 +99,10 @@ class OuterExtremesOp : public OpKernel {
     }
     Tensor* num_clipped;
     OP_REQUIRES_OK(context, context->allocate_output(4, TensorShape({}), &num_clipped));
-    // The kernel reads whole vectors of columns: pad the errors with zero columns.
     const int64_t padded_out = PaddedWidth(fan_out);
-    const float* d = deltas.flat<float>().data();
+    const float* d;
     Tensor padded;
-    if (padded_out != fan_out) {
-      OP_REQUIRES_OK(context, context->allocate_temp(::tensorflow::DT_FLOAT,
-                                                     TensorShape({batch, padded_out}), &padded));
-      float* p = padded.flat<float>().data();
-      std::memset(p, 0, sizeof(float) * batch * padded_out);
-      for (int64_t e = 0; e < batch; ++e) {
-        std::memcpy(p + e * padded_out, d + e * fan_out, sizeof(float) * fan_out);
-      }
-      d = p;
-    }
+    OP_REQUIRES_OK(context, PaddedDeltas(context, deltas, &padded, &d));
     const Extremes out{outputs[0]->flat<float>().data(), outputs[1]->flat<float>().data(),
                        outputs[2]->flat<float>().data(), outputs[3]->flat<float>().data()};
     const float* a = activations.flat<float>().data();
@@ -112,5 +127,63 @@ class OuterExtremesOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("CgTfOuterExtremes").Device(::tensorflow::DEVICE_CPU),
                         OuterExtremesOp);
+
+REGISTER_OP("CgTfOuterMiddles")
+    .Input("activations: float")
+    .Input("deltas: float")
+    .Output("lower: float")
+    .Output("upper: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle a, d;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &d));
+      const auto coordinates = c->Matrix(c->Dim(a, 1), c->Dim(d, 1));
+      c->set_output(0, coordinates);
+      c->set_output(1, coordinates);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+For every coordinate (i, j) of the per-example values activations[e, i] *
+deltas[e, j]: the values at sorted positions batch / 2 - 1 and batch / 2
+(batch / 2 twice for odd batch), or 0 and 0 where more than half of row i's
+activations or of column j's errors are 0. Two [fan_in, fan_out] outputs.
+)doc");
+
+class OuterMiddlesOp : public OpKernel {
+ public:
+  explicit OuterMiddlesOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& activations = context->input(0);
+    const Tensor& deltas = context->input(1);
+    OP_REQUIRES_OK(context, CheckFactors(activations, deltas));
+    const int64_t batch = activations.dim_size(0);
+    const int64_t fan_in = activations.dim_size(1);
+    const int64_t fan_out = deltas.dim_size(1);
+    Tensor *lower, *upper;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({fan_in, fan_out}), &lower));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({fan_in, fan_out}), &upper));
+    if (batch == 0) return;
+    const int64_t padded_out = PaddedWidth(fan_out);
+    const float* d;
+    Tensor padded;
+    OP_REQUIRES_OK(context, PaddedDeltas(context, deltas, &padded, &d));
+    const float* a = activations.flat<float>().data();
+    // A bitonic sort of the batch per vector of columns: about size log2(size)^2 / 4
+    // min/max pairs for size = the batch rounded up to a power of two.
+    int64_t size = 1, depth = 0;
+    while (size < batch) size *= 2, ++depth;
+    const int64_t cost_per_row = padded_out * size * (depth * depth + 1) / 8;
+    const auto& workers = *context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers.num_threads, workers.workers, fan_in, cost_per_row,
+                        [&](int64_t begin, int64_t end) {
+                          OuterMiddles(a, d, batch, fan_in, fan_out, padded_out, begin, end,
+                                       lower->flat<float>().data(), upper->flat<float>().data());
+                        });
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("CgTfOuterMiddles").Device(::tensorflow::DEVICE_CPU),
+                        OuterMiddlesOp);
 
 }  // namespace cg_tf
