@@ -42,10 +42,10 @@ flags.DEFINE_integer('checkpoint_every', 5_000, 'Checkpoint every this many step
 flags.DEFINE_float('winsor_c', 0.0, 'Winsorize per-example gradients at the c-th and '
                    '(100-c)-th percentile of the minibatch (§3); 0 is plain SGD.')
 flags.DEFINE_enum('winsor_impl', 'fast', list(WINSOR_IMPLS),
-                  "'fast': exact, by the compiled CPU kernel on CPUs (built once per machine "
-                  "with g++) and an XLA min/max network elsewhere, the same bits; 'xla' or "
-                  "'cpu_kernel': one of those two; 'reference': vectorized_map and "
-                  'tfp.stats.percentile (slow, the definition).')
+                  "How winsorize, trimmed_mean and median sort: 'fast', exact, by the compiled "
+                  'CPU kernel on CPUs (built once per machine with g++) and by XLA elsewhere, '
+                  "the same numbers; 'xla' or 'cpu_kernel': one of those two; 'reference' "
+                  '(winsorize): vectorized_map and tfp.stats.percentile (slow, the definition).')
 flags.DEFINE_bool('deterministic', False, 'Enable TensorFlow op determinism (GPU).')
 flags.DEFINE_integer('eval_batch_size', 10_000, 'Examples per evaluation forward pass.')
 flags.DEFINE_integer('decomp_every', 0, 'Measure the §2.4 pristine/corrupt decomposition '

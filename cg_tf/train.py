@@ -511,8 +511,9 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
   log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d, %s%s',
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
            experiment.batch_size, distribute.describe(strategy),
-           {None: '', 'xla': ', extremes by XLA',
-            'cpu_kernel': ', extremes by the compiled CPU kernel'}[experiment.extremes_backend])
+           {None: '', 'xla': ', order statistics by XLA',
+            'cpu_kernel': ', order statistics by the compiled CPU kernel'}[
+                experiment.extremes_backend])
 
   def measure():
     step = experiment.step

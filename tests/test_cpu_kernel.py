@@ -195,7 +195,7 @@ class WithoutCompilerTest(tf.test.TestCase):
     self.assertEqual(fast.returncode, 0, fast.stderr[-2000:])
     self.assertIn('winsorizing by XLA, not the compiled CPU kernel', fast.stderr)
     self.assertIn('/nonexistent/c++ is not on the PATH', fast.stderr)
-    self.assertIn('extremes by XLA', fast.stderr)
+    self.assertIn('order statistics by XLA', fast.stderr)
     logdir = f'{self.create_tempdir().full_path}/kernel'
     refused = self.run_py(*common, '--winsor_impl=cpu_kernel', f'--logdir={logdir}')
     self.assertEqual(refused.returncode, 2, refused.stderr[-2000:])
