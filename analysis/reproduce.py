@@ -275,6 +275,13 @@ def figure_name(number, scale):
   return f'figure{number}{"_full" if scale == "full" else ""}.png'
 
 
+def aggregators_names(scale):
+  """(figure, table) of the aggregator comparison: aggregators.png and AGGREGATORS.md
+  for the 2,500-example mini runs, with _12k at full scale (12,000 examples)."""
+  suffix = '_12k' if scale == 'full' else ''
+  return f'aggregators{suffix}.png', f'AGGREGATORS{suffix}.md'
+
+
 def draw_figures(out, seeds, experiments, report_dir, scale):
   """Draws each figure from the finished runs it needs into `report_dir`; runs not finished are
   left out (Figure 4 marks their cells 'not run').
@@ -308,11 +315,12 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
                     finished(f'coherence/noise{n:g}' for n in NOISES),
                     [f'--out={report_dir}/coherence.png', f'--report={report_dir}/COHERENCE.md']))
   if 'aggregators' in experiments:
-    scripts.append(('aggregators.png', 'aggregators.py',
+    figure, table = aggregators_names(scale)
+    scripts.append((figure, 'aggregators.py',
                     finished(f'aggregators/n{n:g}_{label}' for n in AGGREGATOR_NOISES
                              for label, _ in AGGREGATOR_GRID),
-                    [f'--out={report_dir}/aggregators.png',
-                     f'--report={report_dir}/AGGREGATORS.md', *step_time_args]))
+                    [f'--out={report_dir}/{figure}', f'--report={report_dir}/{table}',
+                     *step_time_args]))
   if 'aggregators_60k' in experiments:
     scripts.append(('aggregators_60k.png', 'aggregators.py',
                     finished([f'winsorized/n{n:g}_c{c}' for n in AGGREGATOR_NOISES for c in CS] +
@@ -526,7 +534,7 @@ def main(argv):
   if 'coherence' in FLAGS.experiments:
     print(f'coherence findings: {report_dir}/COHERENCE.md')
   if 'aggregators' in FLAGS.experiments:
-    print(f'aggregator comparison: {report_dir}/AGGREGATORS.md')
+    print(f'aggregator comparison: {report_dir}/{aggregators_names(FLAGS.scale)[1]}')
   if 'aggregators_60k' in FLAGS.experiments:
     print(f'aggregator comparison on every example: {report_dir}/AGGREGATORS_60k.md')
   if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS):

@@ -222,6 +222,10 @@ class StepTimesTest(tf.test.TestCase):
     with open(os.path.join(report_dir, 'AGGREGATORS.md')) as f:
       row = next(line for line in f if line.startswith('| 50% | l2clip C=10 |'))
     self.assertEqual(row.split('|')[10].strip(), f'{float(rows[3]["ratio_to_sgd"]):.1f}')
+    # At full scale (12,000 examples) the figure and table have names of their own.
+    self.assertEqual(reproduce.draw_figures(out, 1, ['aggregators'], report_dir, 'full'),
+                     ['aggregators_12k.png'])
+    self.assertTrue(os.path.exists(os.path.join(report_dir, 'AGGREGATORS_12k.md')))
 
   def test_a_failed_bench_costs_the_column_not_the_runs(self):
     out = self.create_tempdir().full_path
