@@ -20,6 +20,19 @@ using ::tensorflow::Tensor;
 using ::tensorflow::TensorShape;
 using ::tensorflow::shape_inference::InferenceContext;
 
+// Shapes of an op of (activations [batch, fan_in], deltas [batch, fan_out]):
+// `coordinate_outputs` outputs of [fan_in, fan_out], then scalars.
+absl::Status PerCoordinateShapes(InferenceContext* c, int coordinate_outputs) {
+  ::tensorflow::shape_inference::ShapeHandle a, d;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &d));
+  const auto coordinates = c->Matrix(c->Dim(a, 1), c->Dim(d, 1));
+  for (int i = 0; i < c->num_outputs(); ++i) {
+    c->set_output(i, i < coordinate_outputs ? coordinates : c->Scalar());
+  }
+  return absl::OkStatus();
+}
+
 REGISTER_OP("CgTfOuterExtremes")
     .Input("activations: float")
     .Input("deltas: float")
@@ -30,15 +43,7 @@ REGISTER_OP("CgTfOuterExtremes")
     .Output("smallest_sum: float")
     .Output("lower: float")
     .Output("num_clipped: int64")
-    .SetShapeFn([](InferenceContext* c) {
-      ::tensorflow::shape_inference::ShapeHandle a, d;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &d));
-      const auto coordinates = c->Matrix(c->Dim(a, 1), c->Dim(d, 1));
-      for (int i = 0; i < 4; ++i) c->set_output(i, coordinates);
-      c->set_output(4, c->Scalar());
-      return absl::OkStatus();
-    })
+    .SetShapeFn([](InferenceContext* c) { return PerCoordinateShapes(c, 4); })
     .Doc(R"doc(
 For every coordinate (i, j) of the per-example values activations[e, i] *
 deltas[e, j]: the sum of the num_high largest, the next largest, the sum of the
@@ -133,15 +138,7 @@ REGISTER_OP("CgTfOuterMiddles")
     .Input("deltas: float")
     .Output("lower: float")
     .Output("upper: float")
-    .SetShapeFn([](InferenceContext* c) {
-      ::tensorflow::shape_inference::ShapeHandle a, d;
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
-      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &d));
-      const auto coordinates = c->Matrix(c->Dim(a, 1), c->Dim(d, 1));
-      c->set_output(0, coordinates);
-      c->set_output(1, coordinates);
-      return absl::OkStatus();
-    })
+    .SetShapeFn([](InferenceContext* c) { return PerCoordinateShapes(c, 2); })
     .Doc(R"doc(
 For every coordinate (i, j) of the per-example values activations[e, i] *
 deltas[e, j]: the values at sorted positions batch / 2 - 1 and batch / 2
