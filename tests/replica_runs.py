@@ -1,14 +1,16 @@
-"""Trains a tiny config on N logical CPU replicas; tests/test_distribute.py compares the runs.
+"""Trains tiny configs on N logical CPU replicas; tests/test_distribute.py compares the runs.
 
 Logical CPU devices can only be configured before TensorFlow starts, and one
-process holds one MirroredStrategy size, so each run is its own process:
+process holds one MirroredStrategy size, so each replica count is its own
+process. It trains every case of the JSON object {name: config overrides}, one
+after another, each in WORKDIR/name:
 
-  python -m tests.replica_runs N '{"winsor_c": 2}' WORKDIR
+  python -m tests.replica_runs N '{"winsorized": {"winsor_c": 2}}' WORKDIR
 
-N = 1 is the default strategy (one device). The run trains (or resumes) in
-WORKDIR, then writes the final model weights, per-example learning steps and
-forgetting counts, as checkpointed, to WORKDIR/weights.npz and
-prints the final metrics as one JSON line.
+N = 1 is the default strategy (one device). Each run trains (or resumes), then
+writes the final model weights, per-example learning steps and forgetting
+counts, as checkpointed, to WORKDIR/name/weights.npz. The last line printed is
+one JSON object {name: final metrics}.
 """
 
 import json
@@ -28,21 +30,27 @@ SETTINGS = dict(hidden=(16, 8), batch_size=100, steps=50, eval_every=25, checkpo
 
 
 def main():
-  replicas, overrides, workdir = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+  replicas, cases, workdir = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
   if replicas == 1:
     strategy = distribute.make_strategy('default')
   else:
     strategy = distribute.make_strategy('mirrored', cpu_replicas=replicas)
-  config = Config(**{**SETTINGS, **overrides})
-  metrics = train.train_and_evaluate(config, workdir, separable_dataset(), strategy)
-  reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(workdir,
-                                                                            'checkpoints')))
-  np.savez(os.path.join(workdir, 'weights.npz'),
-           **{name.replace('/', '.'): reader.get_tensor(name)
-              for name in reader.get_variable_to_shape_map()
-              if name.startswith(('optimizer/_trainable_variables/', 'first_learned_step',
-                                  'forgetting_events', 'correct_presentations', 'last_correct'))})
-  print(json.dumps({'replicas': strategy.num_replicas_in_sync, 'metrics': metrics}))
+  assert strategy.num_replicas_in_sync == replicas, strategy.num_replicas_in_sync
+  final_metrics = {}
+  for name, overrides in cases.items():
+    run_dir = os.path.join(workdir, name)
+    config = Config(**{**SETTINGS, **overrides})
+    final_metrics[name] = train.train_and_evaluate(config, run_dir, separable_dataset(),
+                                                   strategy)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(run_dir,
+                                                                              'checkpoints')))
+    np.savez(os.path.join(run_dir, 'weights.npz'),
+             **{variable.replace('/', '.'): reader.get_tensor(variable)
+                for variable in reader.get_variable_to_shape_map()
+                if variable.startswith(('optimizer/_trainable_variables/', 'first_learned_step',
+                                    'forgetting_events', 'correct_presentations',
+                                    'last_correct'))})
+  print(json.dumps(final_metrics))
 
 
 if __name__ == '__main__':
