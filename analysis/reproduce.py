@@ -445,10 +445,15 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
   other = claims.read_markdown(compare_with) if compare_with else None
   rows = []
   for key, verdict in per_seed[0].items():
-    agree = sum(bool(results[key].passed) for results in per_seed)
+    verdict_text = verdict.text
+    if seeds > 1 and verdict.passed is not None:
+      # Seeds whose runs are not finished are neither agreement nor disagreement.
+      checked = [results[key] for results in per_seed if results[key].passed is not None]
+      agree = sum(bool(result.passed) for result in checked)
+      verdict_text += (f' ({agree}/{len(checked)} seeds' +
+                       (f'; {seeds - len(checked)} not run)' if len(checked) < seeds else ')'))
     row = {'section': key[0], 'claim': key[1], 'test': key[2], 'measured': verdict.measured,
-           'verdict': verdict.text + (f' ({agree}/{seeds} seeds)'
-                                      if seeds > 1 and verdict.passed is not None else '')}
+           'verdict': verdict_text}
     if other is not None:
       theirs = other.get(key[:2], {})
       row['other_measured'] = theirs.get('measured', 'not checked')

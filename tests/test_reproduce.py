@@ -155,6 +155,9 @@ class PartialReportTest(tf.test.TestCase):
     for c in reproduce.CS:
       train.train_and_evaluate(test_train.tiny_config(noise=1.0, winsor_c=c, steps=20),
                                os.path.join(out, 'runs', f'winsorized/n1_c{c}'), dataset)
+    # A second seed of one cell only: the other cells' checks count one seed.
+    train.train_and_evaluate(test_train.tiny_config(noise=1.0, winsor_c=8, steps=20, seed=1),
+                             os.path.join(out, 'runs', 'winsorized/n1_c8_s1'), dataset)
     unfinished = os.path.join(out, 'runs', 'winsorized/n0.5_c2')
     train.train_and_evaluate(test_train.tiny_config(noise=0.5, winsor_c=2, steps=10), unfinished,
                              dataset)
@@ -167,7 +170,7 @@ class PartialReportTest(tf.test.TestCase):
          'test': 't', 'measured': 'mini says 0.420', 'verdict': 'FAIL'}]))
     report_dir = os.path.join(out, 'docs')
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
-                             '--scale=full', f'--out={out}', '--report_only',
+                             '--scale=full', '--seeds=2', f'--out={out}', '--report_only',
                              f'--report_dir={report_dir}',
                              f'--compare_with={compared.full_path}'],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -177,12 +180,15 @@ class PartialReportTest(tf.test.TestCase):
                           ['REPORT_full.md', 'figure4_full.png', 'figure4_full.pdf'])
     with open(os.path.join(report_dir, 'REPORT_full.md')) as f:
       text = f.read()
-    self.assertIn('5 of 30 runs are finished', text)
+    self.assertIn('6 of 60 runs are finished', text)
     self.assertIn(f'| verdict (full) | measured ({compared.full_path}) |', text)
     row = next(line for line in text.splitlines()
                if 'c = 8 keeps training accuracy at most proper (100%)' in line)
     self.assertIn('mini says 0.420 | FAIL |', row)
-    self.assertRegex(row, r'final train acc \d\.\d+ vs proper 0\.100 \| (PASS|FAIL) \|')
+    self.assertRegex(row, r'final train acc \d\.\d+ vs proper 0\.100 \| (PASS|FAIL) \([012]/2 seeds\) \|')
+    one_seed = next(line for line in text.splitlines()
+                    if 'c = 2 keeps training accuracy at most proper (100%)' in line)
+    self.assertRegex(one_seed, r'\| (PASS|FAIL) \([01]/1 seeds; 1 not run\) \|')
     waiting = next(line for line in text.splitlines()
                    if 'c = 2 keeps training accuracy at most proper (50%)' in line)
     self.assertIn('waiting for winsorized/n0.5_c2 | NOT RUN |', waiting)
