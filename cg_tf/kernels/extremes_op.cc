@@ -2,6 +2,7 @@
 // their rows split over TensorFlow's intra-op threads. Each row is computed
 // whole by one thread, so the results do not depend on the number of threads.
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 
@@ -84,7 +85,8 @@ class OuterExtremesOp : public OpKernel {
   explicit OuterExtremesOp(OpKernelConstruction* context) : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("num_high", &num_high_));
     OP_REQUIRES_OK(context, context->GetAttr("num_low", &num_low_));
-    OP_REQUIRES(context, (num_high_ > num_low_ ? num_high_ : num_low_) < kMaxKept,
+    most_kept_ = std::max(num_high_, num_low_);
+    OP_REQUIRES(context, most_kept_ < kMaxKept,
                 absl::InvalidArgumentError("CgTfOuterExtremes clips at most 15 values a side"));
   }
 
@@ -95,7 +97,7 @@ class OuterExtremesOp : public OpKernel {
     const int64_t batch = activations.dim_size(0);
     const int64_t fan_in = activations.dim_size(1);
     const int64_t fan_out = deltas.dim_size(1);
-    OP_REQUIRES(context, (num_high_ > num_low_ ? num_high_ : num_low_) < batch,
+    OP_REQUIRES(context, most_kept_ < batch,
                 absl::InvalidArgumentError("CgTfOuterExtremes needs more examples than it keeps"));
     Tensor* outputs[4];
     for (int k = 0; k < 4; ++k) {
@@ -112,7 +114,7 @@ class OuterExtremesOp : public OpKernel {
                        outputs[2]->flat<float>().data(), outputs[3]->flat<float>().data()};
     const float* a = activations.flat<float>().data();
     std::atomic<int64_t> clipped{0};
-    const int kept = (num_high_ > num_low_ ? num_high_ : num_low_) + 1;
+    const int kept = most_kept_ + 1;
     // Cost of a row, in the sharder's units (about a cycle): two min/max a
     // level a side per value.
     const int64_t cost_per_row = batch * padded_out * (4 * kept + 1) / 8;
@@ -128,6 +130,7 @@ class OuterExtremesOp : public OpKernel {
  private:
   int num_high_;
   int num_low_;
+  int most_kept_;  // the larger of num_high_ and num_low_
 };
 
 REGISTER_KERNEL_BUILDER(Name("CgTfOuterExtremes").Device(::tensorflow::DEVICE_CPU),
