@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_enum('scale', 'mini', ['mini', 'full'], 'mini: 2 CPU cores; full: the paper.')
 flags.DEFINE_string('out', 'repro', 'Output directory.')
@@ -340,13 +341,88 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
   return drawn
 
 
+def _learning_checks(check, scalars, examples, run, learning, suffix):
+  """§2.3's checks (label_noise_checks)."""
+  every = [run(n) for n in NOISES]
+  numbered = learning == '2.3'
+  check((f'{learning} (1)' if numbered else learning,
+         f'time to a given training accuracy grows with noise{suffix}',
+         'first step with train acc >= 90%'), every,
+        lambda: claims.time_to_accuracy_grows_with_noise(
+            {n: scalars(run(n))['train/accuracy'] for n in NOISES}))
+  for n in (0.25, 0.5, 0.75):
+    check((f'{learning} (2)' if numbered else learning,
+           f'pristine examples are learned faster than corrupt ({n:.0%}){suffix}',
+           'median first-learned step'), [run(n)],
+          lambda n=n: claims.pristine_learned_first(examples(run(n))['first_learned_step'],
+                                                    examples(run(n))['corrupt']))
+  if numbered:
+    check(('2.3 (3)', 'with fewer pristine examples they are learned more slowly',
+           'pristine accuracy, steps 1-10, 0% vs 25%'), [run(0.0), run(0.25)],
+          lambda: claims.fewer_pristine_learned_slower(
+              scalars(run(0.0))['train_pristine/accuracy'],
+              scalars(run(0.25))['train_pristine/accuracy']))
+  check((learning, f'all variants fit their training set{suffix}', 'final train acc >= 99%'),
+        every, lambda: claims.all_fit({n: float(scalars(run(n))['train/accuracy'].iloc[-1])
+                                       for n in NOISES}))
+  for n in (0.5, 0.75, 1.0):
+    check((learning, f'early stopping beats the final test accuracy ({n:.0%}){suffix}',
+           'best vs final test acc'), [run(n)],
+          lambda n=n: claims.early_stopping_helps(scalars(run(n))['test/accuracy']))
+
+
+def label_noise_checks(check, scalars, examples, decomposition_record, run, section, suffix=''):
+  """The §2.3 and §2.4 checks on one family of label-noise runs.
+
+  Args:
+    check: check(key, run names, measure) records measure() under key, or NOT
+      RUN if a run is unfinished.
+    scalars, examples, decomposition_record: run name -> that file's contents.
+    run: noise -> run name, e.g. 'label_noise/noise0.5'.
+    section: (the §2.3 label, the §2.4 label), e.g. ('2.3', '2.4') or ('4', '4').
+    suffix: added to every claim, e.g. ' (GD)'.
+  """
+  from cg_tf import decomposition  # pylint: disable=g-import-not-at-top
+  learning, strong = section
+  if learning is not None:
+    _learning_checks(check, scalars, examples, run, learning, suffix)
+  if strong is None:
+    return
+  for n in (0.25, 0.5):
+
+    def fractions(n=n):
+      record = decomposition_record(run(n))
+      return record['step'], decomposition.fractions(record['inner'])
+
+    check((strong, f'f^p starts above f^c and crosses ({n:.0%}){suffix}', 'exact f^p, f^c'),
+          [run(n)], lambda f=fractions: claims.pristine_dominates_then_crosses(f()[0], f()[1][:, 0]))
+    check((strong, f'no crossing in null worlds ({n:.0%}){suffix}', 'exact f^p, f^c'), [run(n)],
+          lambda f=fractions: claims.nulls_do_not_cross(f()[1][:, 1:]))
+
+
+def winsorized_checks(check, scalars, cell, suffix=''):
+  """§3.3's checks on one grid of winsorized runs; cell(noise, c) names a run."""
+
+  def final(n, c, tag):
+    return float(scalars(cell(n, c))[tag].dropna().iloc[-1])
+
+  for n in (0.25, 0.5, 0.75, 1.0):
+    for c in (2, 4, 8):
+      check(('3.3', f'c = {c} keeps training accuracy at most proper ({n:.0%}){suffix}',
+             'final train acc <= proper + 0.02'), [cell(n, c)],
+            lambda n=n, c=c: claims.winsorized_stays_at_proper(
+                final(n, c, 'train/accuracy'), claims.proper_accuracy(n),
+                final_test_accuracy=final(n, c, 'test/accuracy')))
+    check(('3.3', f'overfit grows more slowly as c grows ({n:.0%}){suffix}',
+           'final overfit, c = 0..8'), [cell(n, c) for c in CS],
+          lambda n=n: claims.overfit_falls_with_c({c: final(n, c, 'overfit') for c in CS}))
+
+
 def checks_for_seed(out, tag, experiments):
   """{(section, claim, quantity): Verdict} for the runs of one seed.
 
   A check whose runs are not all finished is NOT RUN, naming what it waits for.
   """
-  # Imported here: it loads TensorFlow, which bad flags should not wait for.
-  from cg_tf import decomposition  # pylint: disable=g-import-not-at-top
   runs = os.path.join(out, 'runs')
   results = {}
 
@@ -357,71 +433,29 @@ def checks_for_seed(out, tag, experiments):
   def scalars(name):
     return workdir.read_scalars(path(name))
 
+  @functools.lru_cache(maxsize=None)
+  def examples(name):
+    return workdir.read_examples(path(name))
+
+  @functools.lru_cache(maxsize=None)
+  def decomposition_record(name):
+    record = workdir.read_measurements(path(name), workdir.DECOMPOSITION_FILE)
+    if record is None:
+      raise UserInputError(f'{path(name)} has no {workdir.DECOMPOSITION_FILE}; rerun it with '
+                           'its flagfile, which sets --decomp_every')
+    return record
+
   def check(key, names, measure):
     missing = [name + tag for name in names if not workdir.is_finished(path(name))]
     results[key] = claims.not_run(missing) if missing else measure()
 
-  def noise_run(n):
-    return f'label_noise/noise{n:g}'
-
-  if 'label_noise' in experiments:
-    every = [noise_run(n) for n in NOISES]
-    check(('2.3 (1)', 'time to a given training accuracy grows with noise',
-           'first step with train acc >= 90%'), every,
-          lambda: claims.time_to_accuracy_grows_with_noise(
-              {n: scalars(noise_run(n))['train/accuracy'] for n in NOISES}))
-    for n in (0.25, 0.5, 0.75):
-
-      def learned_first(n=n):
-        examples = workdir.read_examples(path(noise_run(n)))
-        return claims.pristine_learned_first(examples['first_learned_step'], examples['corrupt'])
-
-      check(('2.3 (2)', f'pristine examples are learned faster than corrupt ({n:.0%})',
-             'median first-learned step'), [noise_run(n)], learned_first)
-    check(('2.3 (3)', 'with fewer pristine examples they are learned more slowly',
-           'pristine accuracy, steps 1-10, 0% vs 25%'), [noise_run(0.0), noise_run(0.25)],
-          lambda: claims.fewer_pristine_learned_slower(
-              scalars(noise_run(0.0))['train_pristine/accuracy'],
-              scalars(noise_run(0.25))['train_pristine/accuracy']))
-    check(('2.3', 'all variants fit their training set', 'final train acc >= 99%'), every,
-          lambda: claims.all_fit({n: float(scalars(noise_run(n))['train/accuracy'].iloc[-1])
-                                  for n in NOISES}))
-    for n in (0.5, 0.75, 1.0):
-      check(('2.3', f'early stopping beats the final test accuracy ({n:.0%})',
-             'best vs final test acc'), [noise_run(n)],
-            lambda n=n: claims.early_stopping_helps(scalars(noise_run(n))['test/accuracy'].dropna()))
-  if 'decomposition' in experiments:
-    for n in (0.25, 0.5):
-
-      @functools.lru_cache(maxsize=None)
-      def fractions(n=n):
-        """(steps, f) of the decomposition record, read once for both checks."""
-        record = workdir.read_measurements(path(noise_run(n)), workdir.DECOMPOSITION_FILE)
-        return record['step'], decomposition.fractions(record['inner'])
-
-      check(('2.4', f'f^p starts above f^c and crosses ({n:.0%})', 'exact f^p, f^c'),
-            [noise_run(n)], lambda f=fractions: claims.pristine_dominates_then_crosses(
-                f()[0], f()[1][:, 0]))
-      check(('2.4', f'no crossing in null worlds ({n:.0%})', 'exact f^p, f^c'), [noise_run(n)],
-            lambda f=fractions: claims.nulls_do_not_cross(f()[1][:, 1:]))
+  if {'label_noise', 'decomposition'} & set(experiments):
+    label_noise_checks(check, scalars, examples, decomposition_record,
+                       lambda n: f'label_noise/noise{n:g}',
+                       ('2.3' if 'label_noise' in experiments else None,
+                        '2.4' if 'decomposition' in experiments else None))
   if 'winsorized' in experiments:
-
-    def cell(n, c):
-      return f'winsorized/n{n:g}_c{c}'
-
-    def final(n, c, tag):
-      return float(scalars(cell(n, c))[tag].dropna().iloc[-1])
-
-    for n in (0.25, 0.5, 0.75, 1.0):
-      for c in (2, 4, 8):
-        check(('3.3', f'c = {c} keeps training accuracy at most proper ({n:.0%})',
-               'final train acc <= proper + 0.02'), [cell(n, c)],
-              lambda n=n, c=c: claims.winsorized_stays_at_proper(
-                  final(n, c, 'train/accuracy'), claims.proper_accuracy(n),
-                  final_test_accuracy=final(n, c, 'test/accuracy')))
-      check(('3.3', f'overfit grows more slowly as c grows ({n:.0%})', 'final overfit, c = 0..8'),
-            [cell(n, c) for c in CS],
-            lambda n=n: claims.overfit_falls_with_c({c: final(n, c, 'overfit') for c in CS}))
+    winsorized_checks(check, scalars, lambda n, c: f'winsorized/n{n:g}_c{c}')
   return results
 
 
@@ -434,6 +468,10 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
                  compare_with=None, compare_name='compared report'):
   """Writes REPORT.md (mini) or REPORT_full.md (full) into `report_dir` and returns its text.
 
+  Each row's verdict combines the seeds by claims.over_seeds: a claim passes
+  only if every finished seed passes it. The header counts the rows' verdicts
+  by outcome (claims.count).
+
   Args:
     figures: file names in `report_dir` to show below the table.
     finished, total: how many of the runs are finished, of how many.
@@ -443,17 +481,12 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
   """
   per_seed = [checks_for_seed(out, seed_suffix(s), experiments) for s in range(seeds)]
   other = claims.read_markdown(compare_with) if compare_with else None
-  rows = []
-  for key, verdict in per_seed[0].items():
-    verdict_text = verdict.text
-    if seeds > 1 and verdict.passed is not None:
-      # Seeds whose runs are not finished are neither agreement nor disagreement.
-      checked = [results[key] for results in per_seed if results[key].passed is not None]
-      agree = sum(bool(result.passed) for result in checked)
-      verdict_text += (f' ({agree}/{len(checked)} seeds' +
-                       (f'; {seeds - len(checked)} not run)' if len(checked) < seeds else ')'))
+  rows, verdicts = [], []
+  for key in per_seed[0]:
+    verdict = claims.over_seeds([results[key] for results in per_seed])
+    verdicts.append(verdict)
     row = {'section': key[0], 'claim': key[1], 'test': key[2], 'measured': verdict.measured,
-           'verdict': verdict_text}
+           'verdict': verdict.text}
     if other is not None:
       theirs = other.get(key[:2], {})
       row['other_measured'] = theirs.get('measured', 'not checked')
@@ -464,15 +497,15 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
     columns = (*columns[:3], ('measured', f'measured ({scale})'), ('verdict', f'verdict ({scale})'),
                ('other_measured', f'measured ({compare_name})'),
                ('other_verdict', f'verdict ({compare_name})'))
-  checked = [verdict for verdict in per_seed[0].values() if verdict.passed is not None]
-  waiting = len(per_seed[0]) - len(checked)
   name = 'REPORT_full.md' if scale == 'full' else 'REPORT.md'
+  seed_rule = (f' Over {seeds} seeds a claim passes only if every seed whose runs finished '
+               'passes it; the measurement shown is the first finished seed\'s.'
+               if seeds > 1 else '')
   text = (f'# Coherent Gradients: claims checked ({scale} scale)\n\n'
-          f'{sum(v.passed for v in checked)} of {len(checked)} checks pass (seed 0'
-          f'{f", {seeds} seeds" if seeds > 1 else ""})'
-          f'{f"; {waiting} wait for runs that are not finished" if waiting else ""}. '
-          f'{finished} of {total} runs are finished. Written by analysis/reproduce.py from the '
-          f'run directories under {out}/runs on {machine()}.\n\n'
+          f'{claims.count(verdicts)}. {finished} of {total} runs are finished.{seed_rule} '
+          'NOT SHOWN means the runs finished but their numbers cannot decide the claim (the '
+          'reason says what was seen). Written by analysis/reproduce.py from the run '
+          f'directories under {out}/runs on {machine()}.\n\n'
           f'{claims.as_markdown(rows, columns)}\n\n' +
           ''.join(f'![{f}]({f})\n\n' for f in figures))
   with open(os.path.join(report_dir, name), 'w') as f:

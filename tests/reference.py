@@ -1,5 +1,7 @@
 """Obviously-correct float64 NumPy references for the tests."""
 
+import math
+
 import numpy as np
 
 
@@ -72,3 +74,27 @@ def aggregate(rule, per_example, **settings):
     norms = np.linalg.norm(g, axis=1, keepdims=True)
     return (g * np.minimum(1.0, settings['clip_norm'] / np.maximum(norms, 1e-300))).mean(axis=0)
   raise ValueError(f'no reference for {rule!r}')
+
+
+def dp_sgd_epsilon(sampling_rate, noise_multiplier, steps, delta,
+                   orders=(*range(2, 64), 128, 256, 512, 1024)):
+  """(epsilon, delta) of `steps` Poisson-subsampled Gaussian steps, by RDP at integer orders.
+
+  Mironov, Talwar & Zhang (2019), Theorem 9: for integer order a, step RDP
+  log(A_a) / (a - 1) with A_a = sum_i C(a, i) (1 - q)^(a - i) q^i exp((i^2 - i) / (2 sigma^2));
+  then epsilon = min_a [steps RDP(a) + log(1 - 1/a) - log(delta a) / (a - 1)]
+  (Balle et al. 2020, Proposition 12). Equals an accountant over more orders
+  where that accountant's best order is an integer.
+  """
+  q, sigma = sampling_rate, noise_multiplier
+  best = np.inf
+  for a in orders:
+    i = np.arange(a + 1)
+    log_terms = (math.lgamma(a + 1) - np.array([math.lgamma(k + 1) + math.lgamma(a - k + 1)
+                                                for k in i])
+                 + i * math.log(q) + (a - i) * math.log1p(-q) + (i * i - i) / (2 * sigma ** 2))
+    top = log_terms.max()
+    log_a = top + math.log(np.exp(log_terms - top).sum())
+    rdp = steps * log_a / (a - 1)
+    best = min(best, rdp + math.log1p(-1 / a) - math.log(delta * a) / (a - 1))
+  return best

@@ -101,8 +101,18 @@ class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
     self.assertEqual(more_steps, sorted(more_steps))
     self.assertGreater(aggregators.dp_epsilon(steps=5000, noise_multiplier=0.8, **args),
                        more_steps[1])
-    # Abadi et al.'s MNIST setting: 60 epochs of 256, sigma 1.1; the RDP accountant gives ~2.6-3.
-    self.assertBetween(more_steps[2], 2.0, 3.5)
+
+  @parameterized.product(noise_multiplier=(1.1, 2.0), delta=(1e-5, 1e-6))
+  def test_dp_epsilon_matches_rdp_by_hand(self, noise_multiplier, delta):
+    # 1,000 steps of 256 from 60,000: the best RDP orders are integers (12 and
+    # 42), where the binomial formula of reference.dp_sgd_epsilon is exact.
+    expected = reference.dp_sgd_epsilon(256 / 60000, noise_multiplier, 1000, delta)
+    self.assertAllClose(aggregators.dp_epsilon(60000, 256, 1000, noise_multiplier, delta),
+                        expected, rtol=1e-6, atol=0)
+
+  def test_dp_epsilon_depends_on_delta(self):
+    loose, tight = (aggregators.dp_epsilon(60000, 256, 1000, 1.1, delta) for delta in (1e-5, 1e-6))
+    self.assertGreater(tight, loose * 1.1)
 
 
 def one_step_config(aggregator, **settings):

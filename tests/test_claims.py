@@ -1,4 +1,4 @@
-"""Every claim check on a synthetic curve that passes and one that fails."""
+"""Every claim check on synthetic inputs that pass, fail, and cannot decide; the seed rule."""
 
 import numpy as np
 import pandas as pd
@@ -27,23 +27,58 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_time_to_accuracy(self):
     fast, slow, never = curve([0.5, 0.95, 1.0]), curve([0.2, 0.5, 0.95]), curve([0.1, 0.2, 0.3])
-    self.assertTrue(claims.time_to_accuracy_grows_with_noise({0: fast, 0.5: slow,
-                                                              1: never}).passed)
-    self.assertFalse(claims.time_to_accuracy_grows_with_noise({0: slow, 0.5: fast}).passed)
+    verdict = claims.time_to_accuracy_grows_with_noise({0: fast, 0.5: slow, 1: never})
+    self.assertEqual((verdict.outcome, verdict.measured),
+                     (claims.PASS, 'step to 90% train acc: 0%: 1, 50%: 2, 100%: never'))
+    self.assertEqual(claims.time_to_accuracy_grows_with_noise({0: slow, 0.5: fast}).outcome,
+                     claims.FAIL)
+
+  @parameterized.named_parameters(
+      ('none_reached', {0: [0.1, 0.2], 1: [0.1, 0.3]}, 'no run reached 90%'),
+      ('two_never', {0: [0.1, 0.95], 0.5: [0.1, 0.3], 1: [0.2, 0.3]}, 'tied: 50% and 100%'),
+      ('same_step', {0: [0.1, 0.95], 0.5: [0.2, 0.92]}, 'tied: 0% and 50%'),
+      ('no_runs', {}, 'no runs'))
+  def test_time_to_accuracy_not_shown(self, curves, reason):
+    verdict = claims.time_to_accuracy_grows_with_noise({n: curve(c) for n, c in curves.items()})
+    self.assertEqual(verdict.text, f'NOT SHOWN ({reason})')
+
+  def test_a_wrong_order_fails_even_beside_a_tie(self):
+    curves = {0: curve([0.1, 0.1, 0.95]), 0.5: curve([0.1, 0.1, 0.95]), 1: curve([0.1, 0.95, 1])}
+    self.assertEqual(claims.time_to_accuracy_grows_with_noise(curves).text, 'FAIL')
 
   def test_pristine_learned_first(self):
     corrupt = np.array([False, False, True, True])
     self.assertTrue(claims.pristine_learned_first(np.array([1, 2, 50, -1]), corrupt).passed)
     self.assertFalse(claims.pristine_learned_first(np.array([50, -1, 1, 2]), corrupt).passed)
 
+  @parameterized.named_parameters(
+      ('tied', [3, 3, 3, 3], [False, False, True, True], 'tied'),
+      ('never_learned', [-1, -1, -1, -1], [False, False, True, True],
+       'most examples of both groups were never learned'),
+      ('no_corrupt', [1, 2], [False, False], 'needs both pristine and corrupt examples'),
+      ('all_corrupt', [1, 2], [True, True], 'needs both pristine and corrupt examples'))
+  def test_pristine_learned_first_not_shown(self, first, corrupt, reason):
+    verdict = claims.pristine_learned_first(np.array(first), np.array(corrupt))
+    self.assertEqual(verdict.text, f'NOT SHOWN ({reason})')
+
   def test_fewer_pristine_learned_slower(self):
     fast, slow = curve(np.linspace(0.1, 0.9, 11)), curve(np.linspace(0.1, 0.6, 11))
     self.assertTrue(claims.fewer_pristine_learned_slower(fast, slow).passed)
     self.assertFalse(claims.fewer_pristine_learned_slower(slow, fast).passed)
 
+  def test_fewer_pristine_not_shown(self):
+    flat = curve(np.full(11, 0.5))
+    self.assertEqual(claims.fewer_pristine_learned_slower(flat, flat).text, 'NOT SHOWN (tied)')
+    late = curve([0.5, 0.6], steps=[100, 200])
+    self.assertEqual(claims.fewer_pristine_learned_slower(late, late).text,
+                     'NOT SHOWN (no pristine accuracy logged at steps 1-10)')
+
   def test_all_fit(self):
     self.assertTrue(claims.all_fit({0: 1.0, 1: 0.995}).passed)
     self.assertFalse(claims.all_fit({0: 1.0, 1: 0.9}).passed)
+    self.assertEqual(claims.all_fit({0: 1.0, 1: np.nan}).text,
+                     'NOT SHOWN (a final training accuracy is NaN)')
+    self.assertEqual(claims.all_fit({}).outcome, claims.NOT_SHOWN)
 
   def test_crossing(self):
     steps = np.arange(4)
@@ -52,17 +87,34 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertIn('at step 2', claims.pristine_dominates_then_crosses(steps, crossing).measured)
     self.assertFalse(claims.pristine_dominates_then_crosses(steps, crossing[:2]).passed)
     self.assertFalse(claims.pristine_dominates_then_crosses(steps, crossing[::-1]).passed)
+    with_nan = crossing.copy()
+    with_nan[1] = np.nan
+    self.assertEqual(claims.pristine_dominates_then_crosses(steps, with_nan).outcome,
+                     claims.NOT_SHOWN)
+    self.assertEqual(claims.pristine_dominates_then_crosses(steps, crossing[:0]).outcome,
+                     claims.NOT_SHOWN)
 
   def test_nulls(self):
     flat = np.tile([[0.55, 0.45]], (5, 3, 1))
-    self.assertTrue(claims.nulls_do_not_cross(flat).passed)
+    self.assertEqual(claims.nulls_do_not_cross(flat).text, 'PASS')
     crossing = flat.copy()
     crossing[3, 1] = [0.4, 0.6]
+    self.assertEqual(claims.nulls_do_not_cross(crossing).measured,
+                     '1 of 3 null worlds start with f^p > f^c and cross')
     self.assertFalse(claims.nulls_do_not_cross(crossing).passed)
+    self.assertEqual(claims.nulls_do_not_cross(flat[:, :0]).text,
+                     'NOT SHOWN (no null worlds were measured (--null_worlds=0))')
+    with_nan = flat.copy()
+    with_nan[2, 0] = np.nan
+    self.assertEqual(claims.nulls_do_not_cross(with_nan).text,
+                     'NOT SHOWN (some f are NaN (a zero total gradient))')
 
   def test_winsorized_stays_at_proper(self):
-    self.assertTrue(claims.winsorized_stays_at_proper(0.56, 0.55).passed)
+    # The bound is proper + 0.02, both ways.
+    self.assertTrue(claims.winsorized_stays_at_proper(0.565, 0.55).passed)
+    self.assertFalse(claims.winsorized_stays_at_proper(0.575, 0.55).passed)
     self.assertFalse(claims.winsorized_stays_at_proper(0.98, 0.55).passed)
+    self.assertEqual(claims.winsorized_stays_at_proper(np.nan, 0.55).outcome, claims.NOT_SHOWN)
 
   def test_a_network_that_learned_nothing_passes_only_trivially(self):
     learned = claims.winsorized_stays_at_proper(0.50, 0.55, final_test_accuracy=0.84)
@@ -77,18 +129,63 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_not_run(self):
     verdict = claims.not_run(['winsorized/n0.5_c8'])
-    self.assertIsNone(verdict.passed)
+    self.assertEqual(verdict.outcome, claims.NOT_RUN)
+    self.assertFalse(verdict.passed)
     self.assertEqual(verdict.text, 'NOT RUN')
     self.assertEqual(verdict.measured, 'waiting for winsorized/n0.5_c8')
-    self.assertEqual(claims.Verdict('m', False).text, 'FAIL')
+    self.assertEqual(claims.Verdict('m', claims.FAIL).text, 'FAIL')
+    with self.assertRaises(ValueError):
+      claims.Verdict('m', claims.NOT_SHOWN)
 
   def test_overfit_falls_with_c(self):
     self.assertTrue(claims.overfit_falls_with_c({0: 0.4, 2: 0.2, 8: 0.0}).passed)
     self.assertFalse(claims.overfit_falls_with_c({0: 0.4, 2: 0.5, 8: 0.0}).passed)
+    self.assertEqual(claims.overfit_falls_with_c({0: 0.4, 2: 0.0, 8: 0.0}).text,
+                     'NOT SHOWN (tied: c=2 and c=8)')
+    self.assertEqual(claims.overfit_falls_with_c({0: 0.4, 2: np.nan}).text,
+                     'NOT SHOWN (a final overfit is NaN)')
+    self.assertEqual(claims.overfit_falls_with_c({0: 0.4}).outcome, claims.NOT_SHOWN)
 
   def test_early_stopping(self):
     self.assertTrue(claims.early_stopping_helps(curve([0.1, 0.9, 0.7])).passed)
     self.assertFalse(claims.early_stopping_helps(curve([0.1, 0.8, 0.9])).passed)
+    # The margin is 0.01.
+    self.assertFalse(claims.early_stopping_helps(curve([0.1, 0.905, 0.9])).passed)
+    self.assertEqual(claims.early_stopping_helps(curve([np.nan, np.nan])).outcome,
+                     claims.NOT_SHOWN)
+
+  @parameterized.named_parameters(
+      ('all_pass', [claims.PASS, claims.PASS, claims.PASS], 'PASS (3/3 seeds pass)'),
+      ('one_fails', [claims.PASS, claims.FAIL, claims.PASS], 'FAIL (2/3 seeds pass)'),
+      ('seed_0_fails', [claims.FAIL, claims.PASS, claims.PASS], 'FAIL (2/3 seeds pass)'),
+      ('undecided', [claims.PASS, claims.NOT_SHOWN, claims.PASS], 'NOT SHOWN (r; 2/3 seeds pass)'),
+      ('fail_beats_undecided', [claims.NOT_SHOWN, claims.FAIL], 'FAIL (0/2 seeds pass)'),
+      ('trivial', [claims.PASS, claims.TRIVIAL], 'PASS (trivially: r; 2/2 seeds pass)'),
+      ('not_run', [claims.PASS, claims.NOT_RUN, claims.PASS],
+       'PASS (2/2 seeds pass; 1 not run)'),
+      ('only_one_ran', [claims.NOT_RUN, claims.FAIL], 'FAIL (0/1 seeds pass; 1 not run)'),
+      ('none_ran', [claims.NOT_RUN, claims.NOT_RUN], 'NOT RUN'),
+      ('one_seed', [claims.TRIVIAL], 'PASS (trivially: r)'))
+  def test_over_seeds(self, outcomes, text):
+    verdicts = [claims.Verdict(f'm{i}', outcome, 'r' if outcome in (claims.TRIVIAL,
+                                                                     claims.NOT_SHOWN) else '')
+                for i, outcome in enumerate(outcomes)]
+    self.assertEqual(claims.over_seeds(verdicts).text, text)
+
+  def test_over_seeds_shows_the_first_finished_seed(self):
+    verdicts = [claims.not_run(['a']), claims.Verdict('m1', claims.PASS),
+                claims.Verdict('m2', claims.PASS)]
+    self.assertEqual(claims.over_seeds(verdicts).measured, 'seed 1: m1')
+    self.assertEqual(claims.over_seeds(verdicts[:2]).measured, 'm1')
+
+  def test_count(self):
+    verdicts = [claims.Verdict('m', o, 'r' if o in (claims.TRIVIAL, claims.NOT_SHOWN) else '')
+                for o in [claims.PASS] * 3 + [claims.TRIVIAL] * 2 + [claims.FAIL] +
+                [claims.NOT_SHOWN] + [claims.NOT_RUN] * 2]
+    self.assertEqual(claims.count(verdicts), '3 pass, 2 pass trivially, 1 fail, 1 not shown, of 7 '
+                     'checks; 2 wait for runs that are not finished')
+    self.assertEqual(claims.count(verdicts[:3]), '3 pass, 0 pass trivially, 0 fail, 0 not shown, '
+                     'of 3 checks')
 
   def test_markdown(self):
     table = claims.as_markdown([{'section': '2.3', 'claim': 'c', 'test': 't', 'measured': 'm',
