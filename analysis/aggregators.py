@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cg_tf import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import aggregators  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_list('runs', None, 'Run directories, e.g. results/aggregators/runs/aggregators/*.')
@@ -60,8 +60,9 @@ def read_step_times(path):
           for r in table.itertuples()}
 
 
-# Table and figure order: plain SGD, the per-coordinate rules, then clipping and DP.
-ORDER = ('mean', 'winsorize', 'trimmed_mean', 'median', 'm3', 'rm3', 'ra3', 'l2clip', 'dp')
+# Table and figure order: the registry's (plain SGD, the per-coordinate rules, then
+# clipping and DP).
+ORDER = tuple(aggregators.REGISTRY)
 
 
 def order(config):
@@ -74,13 +75,13 @@ def order(config):
 def row(run_dir, step_times):
   config = workdir.read_config(run_dir)
   cost_key = (','.join(map(str, config.hidden)), config.batch_size,
-              config_lib.step_cost_setting(config))
+              aggregators.step_cost_setting(config))
   scalars = workdir.read_scalars(run_dir)
   examples = workdir.read_examples(run_dir)
   test = scalars['test/accuracy'].dropna()
   corrupt = examples['corrupt']
   final = scalars.ffill().iloc[-1]
-  return {'noise': config.noise, 'aggregator': config_lib.describe_aggregator(config),
+  return {'noise': config.noise, 'aggregator': aggregators.describe_run(config),
           'order': order(config),
           'final test': test.iloc[-1], 'best test': test.max(),
           'final train': final['train/accuracy'], 'proper': claims.proper_accuracy(config.noise),

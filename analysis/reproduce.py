@@ -44,7 +44,8 @@ flags.DEFINE_string('out', 'repro', 'Output directory.')
 flags.DEFINE_string('data_dir', None, 'MNIST IDX directory (else tfds).')
 flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
 flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
-PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized')
+# §4's full-batch gradient descent, with an SGD run on the same examples beside each.
+PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized', 'full_batch')
 # Not in the paper, so not run by default: coherence measured directly
 # (docs/coherence.md) and the aggregator comparison (docs/aggregators.md), on
 # 12,000 examples and, for the cheap rules, on all 60,000 (aggregators_60k).
@@ -150,6 +151,11 @@ def run_specs(scale, seeds, experiments):
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', *args, *seeding])
                 for n in AGGREGATOR_NOISES for label, args in AGGREGATOR_GRID
                 if label in CHEAP_AGGREGATORS]
+    if 'full_batch' in experiments:
+      specs += [(f'full_batch/{method}_noise{n:g}{tag}',
+                 [f'--flagfile=flags/{flagfile}{suffix}.cfg', f'--noise={n}', *seeding])
+                for n in NOISES for method, flagfile in (('gd', 'full_batch'),
+                                                         ('sgd', 'full_batch_sgd'))]
     if 'winsorized' in experiments:
       specs += [(f'winsorized/n{n:g}_c{c}{tag}',
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
@@ -445,9 +451,13 @@ def checks_for_seed(out, tag, experiments):
                            'its flagfile, which sets --decomp_every')
     return record
 
-  def check(key, names, measure):
-    missing = [name + tag for name in names if not workdir.is_finished(path(name))]
-    results[key] = claims.not_run(missing) if missing else measure()
+  def checker(into):
+    def check(key, names, measure):
+      missing = [name + tag for name in names if not workdir.is_finished(path(name))]
+      into[key] = claims.not_run(missing) if missing else measure()
+    return check
+
+  check = checker(results)
 
   if {'label_noise', 'decomposition'} & set(experiments):
     label_noise_checks(check, scalars, examples, decomposition_record,
@@ -456,6 +466,16 @@ def checks_for_seed(out, tag, experiments):
                         '2.4' if 'decomposition' in experiments else None))
   if 'winsorized' in experiments:
     winsorized_checks(check, scalars, lambda n, c: f'winsorized/n{n:g}_c{c}')
+  if 'full_batch' in experiments:
+    by_method = []
+    for method, name in (('gd', 'full-batch GD'), ('sgd', 'SGD')):
+      by_method.append({})
+      label_noise_checks(checker(by_method[-1]), scalars, examples, decomposition_record,
+                         lambda n, method=method: f'full_batch/{method}_noise{n:g}', ('4', '4'),
+                         f' ({name})')
+    # Each claim's GD row beside its SGD row.
+    for gd, sgd in zip(*(list(rows.items()) for rows in by_method)):
+      results.update([gd, sgd])
   return results
 
 

@@ -13,7 +13,8 @@ g_e is the gradient of example e's own loss over all parameters. The measures:
 - forgetting events: an example classified correctly at its previous
   presentation in a minibatch and wrongly at this one (Toneva et al. 2019).
 
-Why it is exact at the cost of about one pass: for a Dense layer z = a W + b
+Why it is exact at the cost of about one pass (gradients.py has the rule of
+each layer type; a Dense layer's is the cheapest): for a Dense layer z = a W + b
 with error delta_e = d loss_e / d z_e, g_e on the layer is (outer(a_e,
 delta_e), delta_e), so
   ||g_e||^2 = (||a_e||^2 + 1) ||delta_e||^2,
@@ -32,7 +33,6 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf import decomposition
-from cg_tf import gradients
 
 GROUPS = ('whole', 'pristine', 'corrupt')
 # A parameter's per-example gradients "mostly agree in sign" when at least this
@@ -42,42 +42,50 @@ SIGN_MAJORITY = 0.75
 
 @dataclasses.dataclass
 class LayerSums:
-  """Sums over the training examples for one Dense layer.
+  """Sums over the training examples for one layer's parameters.
 
-  Attributes (float64):
-    corrupt_sum: [fan_in + 1, fan_out], sum of g_e over the corrupt examples;
-      row fan_in is the bias (its input is the constant 1).
-    total_sum: [fan_in + 1, fan_out], sum of g_e over all examples.
-    square_sum: [fan_in + 1, fan_out], sum of g_e^2 (elementwise).
-    sign_sum: [fan_in + 1, fan_out], sum of sign(g_e).
-    nonzero: [fan_in + 1, fan_out], number of examples with g_e != 0.
+  Attributes (float64 [parameters], the layer's variables flattened and
+  concatenated in order):
+    corrupt_sum: sum of g_e over the corrupt examples.
+    total_sum: sum of g_e over all examples.
+    square_sum: sum of g_e^2 (elementwise).
+    sign_sum: sum of sign(g_e).
+    nonzero: number of examples with g_e != 0.
+    shapes: each variable's shape, to split the sums back into variables.
   """
   corrupt_sum: np.ndarray
   total_sum: np.ndarray
   square_sum: np.ndarray
   sign_sum: np.ndarray
   nonzero: np.ndarray
+  shapes: tuple
+
+  def variable_totals(self) -> List[np.ndarray]:
+    """total_sum split into one array per variable, in the variable's shape."""
+    sizes = [int(np.prod(shape)) for shape in self.shapes]
+    pieces = np.split(self.total_sum, np.cumsum(sizes)[:-1])
+    return [piece.reshape(shape) for piece, shape in zip(pieces, self.shapes)]
+
+
+def _joined(parts: List[tf.Tensor]) -> tf.Tensor:
+  """One layer's per-variable sums as one flat array."""
+  return tf.concat([tf.reshape(p, [-1]) for p in parts], axis=0)
 
 
 @tf.function
-def _chunk_statistics(model: keras.Sequential, images, labels, corrupt):
-  """Per layer: the LayerSums of one chunk, and every example's ||g_e||^2 [chunk]."""
-  _, _, factors = gradients.dense_per_example_factors(model, images, labels)
-  sums, sq_norms = [], []
-  weight = tf.cast(corrupt, tf.float32)[:, tf.newaxis]
-  for _, a, delta in factors:
-    # The bias is the kernel row of a constant input 1.
-    a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
-    sums.append((tf.matmul(a, delta * weight, transpose_a=True),
-                 tf.matmul(a, delta, transpose_a=True),
-                 tf.matmul(a * a, delta * delta, transpose_a=True),
-                 tf.matmul(tf.sign(a), tf.sign(delta), transpose_a=True),
-                 tf.matmul(tf.abs(tf.sign(a)), tf.abs(tf.sign(delta)), transpose_a=True)))
-    sq_norms.append(tf.reduce_sum(a * a, axis=1) * tf.reduce_sum(delta * delta, axis=1))
-  return sums, tf.stack(sq_norms, axis=1)
+def _chunk_statistics(model: keras.Model, images, labels, corrupt):
+  """Per layer: the LayerSums arrays of one chunk, and every example's ||g_e||^2 [chunk]."""
+  per_example = decomposition.per_example_gradients(model, images, labels)
+  weight = tf.cast(corrupt, tf.float32)
+  sums = []
+  for layer in per_example.layers:
+    sums.append(tuple(_joined(layer.sums(kind, w)) for kind, w in (
+        ('value', weight), ('value', None), ('square', None), ('sign', None),
+        ('nonzero', None))))
+  return sums, tf.stack([layer.squared_norms() for layer in per_example.layers], axis=1)
 
 
-def layer_statistics(model: keras.Sequential, images: np.ndarray, labels: np.ndarray,
+def layer_statistics(model: keras.Model, images: np.ndarray, labels: np.ndarray,
                      corrupt: np.ndarray, chunk: int):
   """One pass over the examples: float32 matmuls per chunk, chunks summed in float64.
 
@@ -85,12 +93,12 @@ def layer_statistics(model: keras.Sequential, images: np.ndarray, labels: np.nda
   sums carry float32 rounding, 1e-6 relative, like every gradient in training.
 
   Args:
-    model: a Sequential of Dense layers.
+    model: the network (any layers gradients.py has rules for).
     images: [n, inputs]; labels: [n] int; corrupt: [n] bool.
     chunk: examples per pass.
 
   Returns:
-    ([LayerSums per layer], float64 [n, layers] ||g_e||^2 restricted to each layer).
+    ([LayerSums per layer with weights], float64 [n, layers] ||g_e||^2 restricted to each layer).
   """
   totals, norms = None, []
   for start in range(0, len(labels), chunk):
@@ -100,7 +108,10 @@ def layer_statistics(model: keras.Sequential, images: np.ndarray, labels: np.nda
     totals = part if totals is None else [[t + p for t, p in zip(tl, pl)]
                                           for tl, pl in zip(totals, part)]
     norms.append(sq.numpy().astype(np.float64))
-  return [LayerSums(*layer) for layer in totals], np.concatenate(norms)
+  shapes = [tuple(tuple(v.shape) for v in layer.trainable_weights)
+            for layer, _ in decomposition.weighted_layers(model)]
+  return [LayerSums(*layer, shapes=shape) for layer, shape in zip(totals, shapes)], \
+      np.concatenate(norms)
 
 
 def m_coherence(sum_sq_norm: np.ndarray, sq_norm_sum: np.ndarray) -> np.ndarray:
@@ -140,21 +151,16 @@ def sign_majority(sign_sum: np.ndarray, nonzero: np.ndarray) -> np.ndarray:
 
 
 @tf.function
-def _stiffness_kernel(model: keras.Sequential, images, labels):
-  _, _, factors = gradients.dense_per_example_factors(model, images, labels)
-  kernel = 0.0
-  for _, a, delta in factors:
-    a, delta = tf.cast(a, tf.float64), tf.cast(delta, tf.float64)
-    kernel += (tf.matmul(a, a, transpose_b=True) + 1.0) * tf.matmul(delta, delta, transpose_b=True)
-  return kernel
+def _stiffness_kernel(model: keras.Model, images, labels):
+  return decomposition.per_example_gradients(model, images, labels).gram()
 
 
-def gradient_cosines(model: keras.Sequential, images: np.ndarray,
+def gradient_cosines(model: keras.Model, images: np.ndarray,
                      labels: np.ndarray) -> np.ndarray:
   """float64 [m, m] cosines between the examples' gradients; NaN for a zero gradient.
 
   Args:
-    model: a Sequential of Dense layers.
+    model: the network.
     images: [m, inputs]; labels: [m] int.
   """
   kernel = _stiffness_kernel(model, images, labels).numpy()
@@ -248,8 +254,7 @@ class Recorder:
     start = time.perf_counter()
     sums, sq_norms = layer_statistics(self.model, self.images, self.labels, self.corrupt,
                                       self.chunk)
-    total = [tf.constant(piece, tf.float32) for s in sums
-             for piece in (s.total_sum[:-1], s.total_sum[-1])]
+    total = [tf.constant(piece, tf.float32) for s in sums for piece in s.variable_totals()]
     alignment = decomposition.alignment(self.model, self.images, self.labels, total, self.chunk)
     with np.errstate(divide='ignore', invalid='ignore'):
       example_coherence = alignment / sq_norms.sum(axis=1)

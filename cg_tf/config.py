@@ -1,168 +1,159 @@
-"""The frozen experiment configuration that the library takes instead of flags."""
+"""The frozen experiment configuration that the library takes instead of flags.
+
+Each setting is defined once, as a field of `Config`: its name (also the
+flag's, --name), its type, its default, its bounds or choices and its help
+text (the field's metadata). run.py defines its flags from these fields, and
+the aggregators (aggregators.py) check their settings against them. This
+module loads no TensorFlow, so bad settings are refused before it loads.
+"""
 
 import dataclasses
 import json
+import typing
 from typing import Optional, Tuple
 
 from cg_tf.errors import UserInputError
 
+MODELS = ('mlp', 'cnn')
 INITS = ('paper', 'glorot_uniform')
 DATASETS = ('mnist', 'fashion_mnist')
 # 'fast' is the exact fast path by the compiled CPU kernel on CPUs and by XLA
 # elsewhere (same bits); 'xla' and 'cpu_kernel' ask for one of the two.
 WINSOR_IMPLS = ('fast', 'xla', 'cpu_kernel', 'reference')
-# The aggregators of cg_tf/aggregators.py, named here, where flags are checked
-# before TensorFlow loads: those that need per-example gradients, and those
-# that combine the last three minibatch gradients.
-PER_EXAMPLE_AGGREGATORS = ('winsorize', 'trimmed_mean', 'median', 'l2clip', 'dp')
-OVER_MINIBATCHES = ('m3', 'rm3', 'ra3')
-AGGREGATORS = ('mean', *PER_EXAMPLE_AGGREGATORS, *OVER_MINIBATCHES)
+# The names of aggregators.REGISTRY, here where flags are checked before TensorFlow loads.
+AGGREGATORS = ('mean', 'winsorize', 'trimmed_mean', 'median', 'm3', 'rm3', 'ra3', 'l2clip', 'dp')
 # §3.1's learning rate; a setting at another one is labelled with it.
 PAPER_LEARNING_RATE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+  """An interval of allowed values: [lower, upper], each end open or closed, or unbounded."""
+  lower: Optional[float] = None
+  upper: Optional[float] = None
+  lower_open: bool = False
+  upper_open: bool = False
+
+  def contains(self, value) -> bool:
+    if self.lower is not None and (value <= self.lower if self.lower_open else value < self.lower):
+      return False
+    return self.upper is None or (value < self.upper if self.upper_open else value <= self.upper)
+
+  def describe(self) -> str:
+    """E.g. 'must be in [0, 50)', 'must be positive', 'must be >= 0'."""
+    if self.upper is None:
+      if self.lower == 0:
+        return 'must be positive' if self.lower_open else 'must be >= 0'
+      return f'must be {">" if self.lower_open else ">="} {self.lower:g}'
+    return (f'must be in {"(" if self.lower_open else "["}{self.lower:g}, {self.upper:g}'
+            f'{")" if self.upper_open else "]"}')
+
+
+POSITIVE = Bounds(0, lower_open=True)
+NON_NEGATIVE = Bounds(0)
+
+
+def _setting(default, help_text: str, bounds: Optional[Bounds] = None, choices=None):
+  return dataclasses.field(default=default, metadata={'help': help_text, 'bounds': bounds,
+                                                      'choices': choices})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Everything that determines a run; two runs with equal configs are equal.
 
-  Attributes:
-    dataset: tfds name of the dataset ('mnist' or 'fashion_mnist').
-    data_dir: directory with the four IDX files; None reads through tfds.
-    train_size: train on a fixed random subset of this many examples; 0 = all.
-    noise: fraction of training examples whose labels are permuted, in [0, 1].
-    noise_seed: seed of the training subset and of the label noise.
-    seed: seed of the initialisation and of the minibatch order.
-    hidden: widths of the hidden ReLU layers.
-    init: 'paper' (N(0,1) * 2 / sqrt(fan_in + fan_out)) or 'glorot_uniform'.
-    learning_rate: constant SGD learning rate.
-    batch_size: minibatch size; 0 means full-batch gradient descent.
-    steps: number of SGD steps.
-    eval_every: evaluate every this many steps, besides the log-spaced steps.
-    checkpoint_every: checkpoint every this many steps (and at the end).
-    winsor_c: winsorization percentile c in [0, 50); 0 is plain SGD.
-    winsor_impl: how winsorize and trimmed_mean find each coordinate's
-      extremes, and median its middle values: 'fast' (exact: the compiled
-      CPU kernel on CPUs, XLA elsewhere; the same numbers), 'xla',
-      'cpu_kernel', or 'reference' (winsorize only: vectorized_map and
-      tfp.stats.percentile).
-    deterministic: enable TensorFlow's op determinism (slower on GPU).
-    eval_batch_size: examples per forward pass during evaluation.
-    decomp_every: measure the §2.4 decomposition every this many steps; 0 = off.
-    decomp_dense_steps: ...and at every step up to this one (Figure 3).
-    null_worlds: number K of null worlds (permuted pristine/corrupt designations).
-    decomp_sample_examples: examples in the paper's sampled estimator.
-    decomp_sample_weights: kernel weights per layer in the sampled estimator.
-    coherence_every: measure m-coherence, per-example coherence and GSNR over
-      the whole training set every this many steps, at every step up to
-      decomp_dense_steps and at the log-spaced steps (coherence.py); 0 = off.
-    stiffness_examples: ...and the class stiffness matrix on a fixed sample of
-      this many training examples; 0 = off.
-    forgetting: count each example's forgetting events in the training step.
-    aggregator: how per-example gradients become the update (aggregators.py):
-      'winsorize' (with winsor_c; c = 0 is plain SGD), 'mean', 'trimmed_mean',
-      'median', 'l2clip', 'dp', 'm3', 'rm3', 'ra3'.
-    trim_k: trimmed_mean drops this many values a side per coordinate.
-    clip_norm: l2clip and dp clip each example's gradient to this L2 norm.
-    noise_multiplier: dp adds N(0, (noise_multiplier * clip_norm)^2) to the clipped sum.
-    dp_delta: the delta of the (epsilon, delta) that a dp run reports.
+  Each field's metadata holds its help (what `python run.py --helpfull` shows
+  for the flag of the same name), bounds and choices; `settings()` lists them.
   """
-  dataset: str = 'mnist'
-  data_dir: Optional[str] = None
-  train_size: int = 0
-  noise: float = 0.0
-  noise_seed: int = 0
-  seed: int = 0
-  hidden: Tuple[int, ...] = (2048,)
-  init: str = 'paper'
-  learning_rate: float = 0.1
-  batch_size: int = 100
-  steps: int = 100_000
-  eval_every: int = 10_000
-  checkpoint_every: int = 5_000
-  winsor_c: float = 0.0
-  winsor_impl: str = 'fast'
-  deterministic: bool = False
-  eval_batch_size: int = 10_000
-  decomp_every: int = 0
-  decomp_dense_steps: int = 10
-  null_worlds: int = 3
-  decomp_sample_examples: int = 400
-  decomp_sample_weights: int = 300
-  coherence_every: int = 0
-  stiffness_examples: int = 0
-  forgetting: bool = False
-  aggregator: str = 'winsorize'
-  trim_k: int = 0
-  clip_norm: float = 0.0
-  noise_multiplier: float = 0.0
-  dp_delta: float = 1e-5
+  dataset: str = _setting('mnist', 'Dataset, used when --data_dir is not given '
+                          '(fashion_mnist through tfds).', choices=DATASETS)
+  data_dir: Optional[str] = _setting(None, 'Directory with the four IDX files. If unset, MNIST '
+                                     'is read from the copy shipped with cg_tf, other datasets '
+                                     'through tfds.')
+  train_size: int = _setting(0, 'Train on a fixed random subset of this many training examples '
+                             '(0: all).', NON_NEGATIVE)
+  noise: float = _setting(0.0, 'Fraction of training labels randomly permuted (§2.1).',
+                          Bounds(0, 1))
+  noise_seed: int = _setting(0, 'Seed of the label noise and the training subset.')
+  seed: int = _setting(0, 'Seed of the initialisation and the minibatch order (and of the DP '
+                       'noise).')
+  model: str = _setting('mlp', "The network: 'mlp' (the paper's, widths --hidden) or 'cnn' "
+                        '(Conv2D 32 3x3, max-pool 2, Conv2D 64 3x3, max-pool 2, Dense 128, '
+                        'Dense 10, ReLU, on 28x28x1).', choices=MODELS)
+  hidden: Tuple[int, ...] = _setting((2048,), 'Hidden layer widths of the MLP, e.g. 2048 or '
+                                     '256,256,256.')
+  init: str = _setting('paper', "'paper': N(0,1)*2/sqrt(fan_in+fan_out), as the authors' code; "
+                       "or 'glorot_uniform'.", choices=INITS)
+  learning_rate: float = _setting(0.1, 'Constant SGD learning rate.', POSITIVE)
+  batch_size: int = _setting(100, 'Minibatch size; 0 for full-batch gradient descent.',
+                             NON_NEGATIVE)
+  steps: int = _setting(100_000, 'Number of training steps.', POSITIVE)
+  eval_every: int = _setting(10_000, 'Evaluate every this many steps, besides the log-spaced '
+                             'steps 0-9, 10-90, 100-900, 1000-9000.', POSITIVE)
+  checkpoint_every: int = _setting(5_000, 'Checkpoint every this many steps.', POSITIVE)
+  winsor_c: float = _setting(0.0, 'Winsorize per-example gradients at the c-th and (100-c)-th '
+                             'percentile of the minibatch (§3); 0 is plain SGD.',
+                             Bounds(0, 50, upper_open=True))
+  winsor_impl: str = _setting('fast', "How winsorize, trimmed_mean and median sort: 'fast', "
+                              'exact, by the compiled CPU kernel on CPUs (built once per '
+                              "machine with g++) and by XLA elsewhere, the same numbers; 'xla' "
+                              "or 'cpu_kernel': one of those two; 'reference' (winsorize): "
+                              'vectorized_map and tfp.stats.percentile (slow, the definition).',
+                              choices=WINSOR_IMPLS)
+  deterministic: bool = _setting(False, 'Enable TensorFlow op determinism (GPU).')
+  eval_batch_size: int = _setting(10_000, 'Examples per evaluation forward pass.', POSITIVE)
+  decomp_every: int = _setting(0, 'Measure the §2.4 pristine/corrupt decomposition every this '
+                               'many steps (0: off).', NON_NEGATIVE)
+  decomp_dense_steps: int = _setting(10, '...and at every step up to this one.', NON_NEGATIVE)
+  null_worlds: int = _setting(3, 'Null worlds (permuted designations) for §2.4.', NON_NEGATIVE)
+  decomp_sample_examples: int = _setting(400, 'Examples in the sampled estimator.', POSITIVE)
+  decomp_sample_weights: int = _setting(300, 'Weights per layer in the sampled estimator.',
+                                        POSITIVE)
+  coherence_every: int = _setting(0, 'Measure m-coherence, per-example coherence and GSNR over '
+                                  'the whole training set every this many steps, and at the '
+                                  "decomposition's dense and log-spaced steps (0: off).",
+                                  NON_NEGATIVE)
+  stiffness_examples: int = _setting(0, '...and the 10x10 class stiffness matrix on a fixed '
+                                     'sample of this many training examples (0: off).',
+                                     NON_NEGATIVE)
+  forgetting: bool = _setting(False, "Count each example's forgetting events (correct at its "
+                              'previous minibatch presentation, wrong at this one) into '
+                              'examples.npz.')
+  aggregator: str = _setting('winsorize', 'How per-example gradients become the update '
+                             "(docs/aggregators.md); 'winsorize' with --winsor_c=0 is plain "
+                             'SGD.', choices=AGGREGATORS)
+  trim_k: int = _setting(0, 'trimmed_mean: values dropped a side per coordinate.',
+                         NON_NEGATIVE)
+  clip_norm: float = _setting(0.0, 'l2clip, dp: per-example gradient L2 norm bound C.',
+                              NON_NEGATIVE)
+  noise_multiplier: float = _setting(0.0, 'dp: Gaussian noise N(0, (sigma C)^2) on the clipped '
+                                     'sum; sigma is this.', NON_NEGATIVE)
+  dp_delta: float = _setting(1e-5, 'dp: the delta of the (epsilon, delta) reported.',
+                             Bounds(0, 1, lower_open=True, upper_open=True))
 
   def __post_init__(self):
     object.__setattr__(self, 'hidden', tuple(int(h) for h in self.hidden))
-    problems = []
-    if not 0.0 <= self.noise <= 1.0:
-      problems.append(f'--noise={self.noise} must be in [0, 1]')
-    if not self.learning_rate > 0:
-      problems.append(f'--learning_rate={self.learning_rate} must be positive')
-    if self.steps <= 0:
-      problems.append(f'--steps={self.steps} must be positive')
-    if self.batch_size < 0:
-      problems.append(f'--batch_size={self.batch_size} must be positive, or 0 for full batch')
-    if self.train_size < 0:
-      problems.append(f'--train_size={self.train_size} must be positive, or 0 for all')
-    if self.eval_every <= 0:
-      problems.append(f'--eval_every={self.eval_every} must be positive')
-    if self.checkpoint_every <= 0:
-      problems.append(f'--checkpoint_every={self.checkpoint_every} must be positive')
-    if self.eval_batch_size <= 0:
-      problems.append(f'--eval_batch_size={self.eval_batch_size} must be positive')
-    if not self.hidden or any(h <= 0 for h in self.hidden):
-      problems.append(f'--hidden={",".join(map(str, self.hidden))} needs one or more '
-                      'positive widths, e.g. --hidden=2048 or --hidden=256,256,256')
-    if self.init not in INITS:
-      problems.append(f'--init={self.init} must be one of {", ".join(INITS)}')
-    if self.dataset not in DATASETS:
-      problems.append(f'--dataset={self.dataset} must be one of {", ".join(DATASETS)}')
-    if not 0.0 <= self.winsor_c < 50.0:
-      problems.append(f'--winsor_c={self.winsor_c} must be in [0, 50)')
-    if self.winsor_impl not in WINSOR_IMPLS:
-      problems.append(f'--winsor_impl={self.winsor_impl} must be one of {", ".join(WINSOR_IMPLS)}')
-    for name in ('decomp_every', 'decomp_dense_steps', 'null_worlds', 'coherence_every',
-                 'stiffness_examples'):
-      if getattr(self, name) < 0:
-        problems.append(f'--{name}={getattr(self, name)} must be >= 0')
-    for name in ('decomp_sample_examples', 'decomp_sample_weights'):
-      if getattr(self, name) <= 0:
-        problems.append(f'--{name}={getattr(self, name)} must be positive')
+    problems = [f'--{name}={spelled(getattr(self, name))} {problem}' for name, problem in
+                ((f.name, check_setting(f.name, getattr(self, f.name)))
+                 for f in dataclasses.fields(self)) if problem]
     if self.stiffness_examples and not self.coherence_every:
       problems.append(f'--stiffness_examples={self.stiffness_examples} is measured on the '
                       '--coherence_every schedule; set --coherence_every too')
-    if self.aggregator not in AGGREGATORS:
-      problems.append(f'--aggregator={self.aggregator} must be one of {", ".join(AGGREGATORS)}')
-    if self.winsor_c > 0 and self.aggregator != 'winsorize':
-      problems.append(f'--winsor_c={self.winsor_c:g} winsorizes, but --aggregator='
-                      f'{self.aggregator}; drop --winsor_c or use --aggregator=winsorize')
-    if self.aggregator == 'trimmed_mean' and not (
-        self.trim_k >= 1 and (self.batch_size == 0 or 2 * self.trim_k < self.batch_size)):
-      problems.append(f'--aggregator=trimmed_mean needs 1 <= --trim_k < --batch_size / 2 '
-                      f'(got --trim_k={self.trim_k}, --batch_size={self.batch_size})')
-    if self.aggregator in ('l2clip', 'dp') and not self.clip_norm > 0:
-      problems.append(f'--aggregator={self.aggregator} needs --clip_norm > 0')
-    if self.noise_multiplier < 0:
-      problems.append(f'--noise_multiplier={self.noise_multiplier} must be >= 0')
-    if self.noise_multiplier > 0 and self.aggregator != 'dp':
-      problems.append('--noise_multiplier adds noise for --aggregator=dp only')
-    if not 0 < self.dp_delta < 1:
-      problems.append(f'--dp_delta={self.dp_delta} must be in (0, 1)')
-    if self.aggregator in PER_EXAMPLE_AGGREGATORS[1:] and self.batch_size == 0:
-      problems.append(f'--aggregator={self.aggregator} needs a minibatch; set --batch_size')
-    if self.winsor_impl == 'reference' and self.aggregator != 'winsorize':
-      problems.append('--winsor_impl=reference is for --aggregator=winsorize')
-    if self.winsor_c > 0 and self.batch_size == 0:
-      problems.append('--winsor_c needs a minibatch: winsorizing the full batch would hold '
-                      'every per-example gradient at once; set --batch_size')
+    if self.model == 'cnn' and self.hidden != (2048,):
+      problems.append(f'--hidden={spelled(self.hidden)} sets the widths of the MLP, but '
+                      '--model=cnn; drop --hidden')
     if problems:
       raise UserInputError('; '.join(problems))
+    # The aggregator checks its own settings, and that the others are unset.
+    from cg_tf import aggregators  # pylint: disable=g-import-not-at-top
+    aggregators.from_config(self)
+
+  @classmethod
+  def settings(cls):
+    """[(name, type, default, help, bounds, choices)] of every setting, in field order."""
+    hints = typing.get_type_hints(cls)
+    return [(f.name, hints[f.name], f.default, f.metadata['help'], f.metadata['bounds'],
+             f.metadata['choices']) for f in dataclasses.fields(cls)]
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -184,29 +175,29 @@ class Config:
     return cls(**settings)
 
 
-def describe_aggregator(config: Config) -> str:
-  """The aggregator and its own setting in words, e.g. 'trimmed_mean k=2', as tables show it."""
-  rule = config.aggregator
-  if rule == 'winsorize':
-    text = 'mean (SGD)' if config.winsor_c == 0 else f'winsorize c={config.winsor_c:g}'
-  else:
-    text = {'trimmed_mean': f'trimmed_mean k={config.trim_k}',
-            'l2clip': f'l2clip C={config.clip_norm:g}',
-            'dp': f'dp C={config.clip_norm:g} σ={config.noise_multiplier:g}',
-            'mean': 'mean (SGD)'}.get(rule, rule)
-  if config.learning_rate != PAPER_LEARNING_RATE:
-    text += f' lr={config.learning_rate:g}'
-  return text
+_FIELDS = {field.name: field for field in dataclasses.fields(Config)}
 
 
-def step_cost_setting(config: Config) -> str:
-  """describe_aggregator of the setting whose training step does the same work as `config`'s.
+def default(name: str):
+  """The default of the setting `name`."""
+  return _FIELDS[name].default
 
-  The learning rate, the clip norm C and the noise multiplier σ change the
-  numbers but not the work, so they are set to what analysis/bench_step.py
-  times (lr 0.1, C = 1, σ = 1): 'l2clip C=10' costs what 'l2clip C=1' does.
-  """
-  clipping = config.aggregator in ('l2clip', 'dp')
-  return describe_aggregator(dataclasses.replace(
-      config, learning_rate=PAPER_LEARNING_RATE, clip_norm=1.0 if clipping else config.clip_norm,
-      noise_multiplier=1.0 if config.aggregator == 'dp' else config.noise_multiplier))
+
+def check_setting(name: str, value) -> Optional[str]:
+  """What is wrong with `value` for the setting `name` (e.g. 'must be in [0, 1]'), or None."""
+  field = _FIELDS[name]
+  choices, bounds = field.metadata['choices'], field.metadata['bounds']
+  if choices is not None and value not in choices:
+    return f'must be one of {", ".join(choices)}'
+  if bounds is not None and not bounds.contains(value):
+    return bounds.describe()
+  if name == 'hidden' and (not value or any(h <= 0 for h in value)):
+    return 'needs one or more positive widths, e.g. --hidden=2048 or --hidden=256,256,256'
+  return None
+
+
+def spelled(value) -> str:
+  """A setting's value as a flag spells it: 0.5, 256,256,256."""
+  if isinstance(value, tuple):
+    return ','.join(map(str, value))
+  return f'{value:g}' if isinstance(value, float) else str(value)

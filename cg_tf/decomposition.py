@@ -12,7 +12,8 @@ sum_e s_e. For a Dense layer z = a W + b, <G_W, outer(a_e, delta_e)> =
 a_e^T G_W delta_e, so s costs one forward-and-backward pass after g is known,
 exactly, over all examples and parameters, and any number of null worlds are
 free. The paper's estimator (a sample of 400 examples and 300 weights per
-layer) is the same formula restricted to the sample.
+layer) is the same formula restricted to the sample. Other layers (a
+convolution's, say) give s_e by their rules in gradients.py.
 """
 
 import time
@@ -26,13 +27,13 @@ from cg_tf import gradients
 
 
 @tf.function
-def _total_gradient_chunk(model: keras.Sequential, images, labels) -> List[tf.Tensor]:
+def _total_gradient_chunk(model: keras.Model, images, labels) -> List[tf.Tensor]:
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(gradients.per_example_loss(labels, model(images)))
   return tape.gradient(loss, model.trainable_variables)
 
 
-def total_gradient(model: keras.Sequential, images: np.ndarray, labels: np.ndarray,
+def total_gradient(model: keras.Model, images: np.ndarray, labels: np.ndarray,
                    chunk: int) -> List[tf.Tensor]:
   """Gradient of the loss summed over all examples, one tensor per variable.
 
@@ -51,23 +52,30 @@ def total_gradient(model: keras.Sequential, images: np.ndarray, labels: np.ndarr
   return total
 
 
+def per_example_gradients(model: keras.Model, images, labels) -> gradients.PerExampleGradients:
+  """Every example's gradient of its own softmax cross-entropy, by the per-layer rules.
+
+  Args:
+    model: the network; images: [m, inputs]; labels: [m] int.
+  """
+  with tf.GradientTape() as tape:
+    with gradients.recording(model) as record:
+      logits = model(images)
+    loss = tf.reduce_sum(gradients.per_example_loss(labels, logits))
+  return record.gradients(tape, loss)
+
+
 @tf.function
-def _alignment_chunk(model: keras.Sequential, images, labels, total: Sequence[tf.Tensor]):
-  _, _, factors = gradients.dense_per_example_factors(model, images, labels)
-  by_variable = {id(v): t for v, t in zip(model.trainable_variables, total)}
-  alignment = tf.zeros(tf.shape(labels), tf.float32)
-  for layer, a, delta in factors:
-    alignment += tf.reduce_sum(tf.matmul(a, by_variable[id(layer.kernel)]) * delta, axis=-1)
-    alignment += tf.linalg.matvec(delta, by_variable[id(layer.bias)])
-  return alignment
+def _alignment_chunk(model: keras.Model, images, labels, total: Sequence[tf.Tensor]):
+  return per_example_gradients(model, images, labels).alignment(total)
 
 
-def alignment(model: keras.Sequential, images: np.ndarray, labels: np.ndarray,
+def alignment(model: keras.Model, images: np.ndarray, labels: np.ndarray,
               total: Sequence[tf.Tensor], chunk: int) -> np.ndarray:
   """s_e = <total, g_e> for every example e, g_e the gradient of its own loss.
 
   Args:
-    model: a Sequential of Dense layers.
+    model: the network (any layers gradients.py has rules for).
     images: [n, inputs]; labels: [n] int.
     total: one tensor per trainable variable, e.g. from total_gradient.
     chunk: examples per pass.
@@ -80,35 +88,38 @@ def alignment(model: keras.Sequential, images: np.ndarray, labels: np.ndarray,
   return np.concatenate([p.numpy() for p in parts]).astype(np.float64)
 
 
-def sample_weights(model: keras.Sequential, per_layer: int, seed: int) -> List[np.ndarray]:
-  """The paper's weight sample: `per_layer` flat kernel indices from each Dense layer."""
+def weighted_layers(model: keras.Model) -> list:
+  """The layers with weights of their own, in order, and the first of each: the kernel the
+  paper's estimator samples from (a Dense or convolution kernel)."""
+  return [(layer, layer.trainable_weights[0]) for layer in model.layers if layer.trainable_weights]
+
+
+def sample_weights(model: keras.Model, per_layer: int, seed: int) -> List[np.ndarray]:
+  """The paper's weight sample: `per_layer` flat kernel indices from each layer with weights."""
   rng = np.random.default_rng([seed, 3])
-  return [np.sort(rng.choice(int(np.prod(layer.kernel.shape)),
-                             min(per_layer, int(np.prod(layer.kernel.shape))), replace=False))
-          for layer in model.layers]
+  return [np.sort(rng.choice(int(np.prod(kernel.shape)),
+                             min(per_layer, int(np.prod(kernel.shape))), replace=False))
+          for _, kernel in weighted_layers(model)]
 
 
-def sampled_alignment(model: keras.Sequential, images: np.ndarray, labels: np.ndarray,
+def sampled_alignment(model: keras.Model, images: np.ndarray, labels: np.ndarray,
                       weights: Sequence[np.ndarray]) -> np.ndarray:
   """The paper's estimator: s_e restricted to a sample of examples and kernel weights.
 
   Args:
-    model: a Sequential of Dense layers.
+    model: the network.
     images: [m, inputs]; labels: [m]: the sampled examples.
-    weights: per Dense layer, flat indices into its kernel (sample_weights).
+    weights: per layer with weights, flat indices into its kernel (sample_weights).
 
   Returns:
     float64 [m]: <g_S, g_e> over the sampled weights, g_S = sum of the sample's
     per-example gradients there.
   """
-  _, _, factors = gradients.dense_per_example_factors(model, tf.constant(images),
-                                                   tf.constant(labels))
-  columns = []
-  for (layer, a, delta), flat in zip(factors, weights):
-    rows, cols = np.unravel_index(flat, layer.kernel.shape)
-    columns.append(tf.gather(a, rows, axis=1) * tf.gather(delta, cols, axis=1))
-  per_example = tf.concat(columns, axis=1).numpy().astype(np.float64)  # [m, weights]
-  return per_example @ per_example.sum(axis=0)
+  per_example = per_example_gradients(model, tf.constant(images), tf.constant(labels))
+  columns = [per_example.variable(kernel).at(tf.constant(flat))
+             for (_, kernel), flat in zip(weighted_layers(model), weights)]
+  per_example_values = tf.concat(columns, axis=1).numpy().astype(np.float64)  # [m, weights]
+  return per_example_values @ per_example_values.sum(axis=0)
 
 
 def null_designations(corrupt: np.ndarray, num_worlds: int, seed: int) -> np.ndarray:

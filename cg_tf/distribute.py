@@ -155,10 +155,13 @@ def place_columns(block: tf.Tensor, width: int) -> tf.Tensor:
   return tf.where(tf.equal(position // k, replica_id()), spread, tf.zeros_like(spread))
 
 
-def only_first_replica(value: tf.Tensor) -> tf.Tensor:
-  """`value` on replica 0 and zeros elsewhere: the cross-replica sum is then `value` exactly."""
+def only_first_replica(value):
+  """`value` (a tensor or tf.IndexedSlices) on replica 0 and zeros elsewhere: the cross-replica
+  sum is then `value` exactly."""
   if num_replicas() == 1:
     return value
+  if isinstance(value, tf.IndexedSlices):
+    return tf.IndexedSlices(only_first_replica(value.values), value.indices, value.dense_shape)
   return tf.where(tf.equal(replica_id(), 0), value, tf.zeros_like(value))
 
 

@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, FrozenSet, Optional
 
 import keras
 import numpy as np
@@ -42,10 +42,8 @@ from cg_tf import distribute
 from cg_tf import gradients
 from cg_tf import model as model_lib
 from cg_tf import schedule
-from cg_tf import winsorize
 from cg_tf import workdir as workdir_lib
 from cg_tf.config import Config
-from cg_tf.config import OVER_MINIBATCHES
 from cg_tf.errors import RunInterrupted
 from cg_tf.errors import TrainingDiverged
 from cg_tf.errors import UserInputError
@@ -87,14 +85,29 @@ class StopRequests:
 
 
 class Experiment:
-  """Model, optimizer, data on the device, and the compiled functions.
+  """Model, aggregator, optimizer, data on the device, and the compiled functions.
 
-  Model, optimizer and per-example state are created under `strategy.scope()`;
   `train_steps` and `evaluate` are the only entry points the loop needs.
   """
 
   def __init__(self, config: Config, noisy: data_lib.NoisyDataset,
-               strategy: Optional[tf.distribute.Strategy] = None):
+               strategy: Optional[tf.distribute.Strategy] = None, *,
+               model: Optional[keras.Model] = None,
+               aggregator: Optional[aggregators.Aggregator] = None,
+               optimizer: Optional[keras.optimizers.Optimizer] = None):
+    """Builds what `config` names, or takes the model, aggregator and optimizer given.
+
+    Args:
+      config: the experiment.
+      noisy: its training and test data.
+      strategy: a tf.distribute strategy; the default strategy if None.
+      model: maps [batch, 784] images to [batch, classes] logits; by default
+        model.build of config.model. A given model must have been made under
+        `strategy.scope()`.
+      aggregator: by default aggregators.from_config(config).
+      optimizer: by default SGD at config.learning_rate (the paper's); made
+        under `strategy.scope()` if given.
+    """
     self.config = config
     self.noisy = noisy
     self.strategy = strategy or tf.distribute.get_strategy()
@@ -104,39 +117,28 @@ class Experiment:
       raise UserInputError(f'--batch_size={config.batch_size} exceeds the {num_train} '
                            'training examples')
     self.steps_per_epoch = num_train // self.batch_size
+    self.aggregator = aggregator or aggregators.from_config(config)
     with self.strategy.scope():
-      self.model = model_lib.build_mlp(noisy.data.train_images.shape[1], config.hidden,
-                                       data_lib.NUM_CLASSES, config.init, config.seed)
-      self.optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate)
+      self.model = model or model_lib.build(
+          config.model, noisy.data.train_images.shape[1], config.hidden, data_lib.NUM_CLASSES,
+          config.init, config.seed)
+      gradients.check_model(self.model)
+      self.optimizer = optimizer or keras.optimizers.SGD(learning_rate=config.learning_rate)
       self.optimizer.build(self.model.trainable_variables)
+      self.aggregator.build(self.model.trainable_variables,
+                            distribute.runs_on_cpus(self.strategy))
       # Per-example learning times live in variables so checkpoints carry them.
       self.first_learned_step = tf.Variable(tf.fill([num_train], tf.constant(-1, tf.int64)),
                                             trainable=False, name='first_learned_step')
       self.learned_since_step = tf.Variable(tf.fill([num_train], tf.constant(-1, tf.int64)),
                                             trainable=False, name='learned_since_step')
-      # m3, rm3, ra3: the last three minibatch gradients of each variable. Every
-      # replica computes the same ones, so the first replica's copy is kept.
-      self.gradient_history = [
-          tf.Variable(tf.zeros([3, *v.shape]), trainable=False, name=f'history_{i}',
-                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-          for i, v in enumerate(self.model.trainable_variables)
-      ] if config.aggregator in OVER_MINIBATCHES else []
       self.batch_loss = keras.metrics.Mean('train_batch/loss')
-      self.clipped_fraction = keras.metrics.Mean('train_batch/winsor_clipped_fraction')
     # The minibatch is drawn outside strategy.run, so the data need no copy per replica.
     self.train_images = tf.Variable(noisy.data.train_images, trainable=False)
     self.train_labels = tf.Variable(noisy.train_labels, trainable=False)
     self.permutation = tf.Variable(tf.range(num_train, dtype=tf.int32), trainable=False)
     self.permutation_epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
     self.num_parameters = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
-    # How the fast winsorized and trimmed sums find their extremes, and the
-    # median its middle values (winsorize.py, aggregators.py).
-    self.extremes_backend = None
-    if config.aggregator in ('trimmed_mean', 'median') or (
-        config.aggregator == 'winsorize' and config.winsor_c > 0 and
-        config.winsor_impl != 'reference'):
-      self.extremes_backend = winsorize.backend_for(config.winsor_impl,
-                                                    distribute.runs_on_cpus(self.strategy))
     # Forgetting events (Toneva et al.): updated from the global minibatch's
     # predictions outside strategy.run, like the data, so one copy suffices.
     self.forgetting = None
@@ -153,123 +155,26 @@ class Experiment:
   def step(self) -> int:
     return int(self.optimizer.iterations.numpy())
 
+  @property
+  def batch_metrics(self) -> list:
+    """The running means over the steps since the last evaluation: loss, and the aggregator's."""
+    return [self.batch_loss, *self.aggregator.metrics]
+
   def checkpoint(self) -> tf.train.Checkpoint:
     # The running batch metrics are saved too: a run stopped between two
     # evaluations resumes with the same averages.
     return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                first_learned_step=self.first_learned_step,
                                learned_since_step=self.learned_since_step,
-                               batch_metrics=[*self.batch_loss.variables,
-                                              *self.clipped_fraction.variables],
-                               gradient_history=self.gradient_history,
-                               **(self.forgetting or {}))
-
-  def _gradients(self, images: tf.Tensor, labels: tf.Tensor):
-    """This replica's share of the minibatch gradient, and the mean loss.
-
-    Every replica computes the whole minibatch (distribute.py): the update
-    comes whole from replica 0 (SGD, the reference path, median, clipping,
-    m3/rm3/ra3) or column block by column block from every replica (the fast
-    winsorized path, trimmed_mean), zeros elsewhere, so the optimizer's
-    cross-replica sum is the one-device update.
-
-    Args:
-      images: [B, 784], the global minibatch.
-      labels: [B].
-
-    Returns:
-      (one tensor per trainable variable, float32 scalar, logits [B, classes]).
-    """
-    config, batch = self.config, self.batch_size
-    rule, c = config.aggregator, float(config.winsor_c)
-    variables = self.model.trainable_variables
-    if rule == 'mean' or rule in OVER_MINIBATCHES or (
-        rule == 'winsorize' and (c == 0 or config.winsor_impl == 'reference')):
-      with tf.GradientTape() as tape:
-        logits = self.model(images)
-        loss = tf.reduce_sum(gradients.per_example_loss(labels, logits)) / batch
-      if rule == 'winsorize' and c > 0:
-        # The loss is the minibatch mean, so example e contributes g_e / batch.
-        grads = [winsorize.winsorized_sum_reference(g / batch, c) for g in
-                 gradients.per_example_gradients(self.model, gradients.per_example_loss,
-                                                 images, labels)]
-      else:
-        grads = tape.gradient(loss, variables)
-      if rule in OVER_MINIBATCHES:
-        grads = self._over_minibatches(grads)
-      return [distribute.only_first_replica(g) for g in grads], loss, logits
-    if rule in ('median', 'l2clip', 'dp'):
-      losses, logits, factors = gradients.dense_per_example_factors(self.model, images, labels)
-      grads = self._whole_batch_aggregate([(a, delta) for _, a, delta in factors])
-      return [distribute.only_first_replica(g) for g in grads], tf.reduce_mean(losses), logits
-    losses, logits, factors = gradients.dense_per_example_factors(self.model, images, labels,
-                                                                  loss_scale=1.0 / batch)
-    if rule == 'trimmed_mean':
-      k = config.trim_k
-      by_variable = {}
-      for layer, a, delta in factors:
-        width = delta.shape[-1]
-        columns = distribute.own_columns(width)
-        # delta carries 1 / batch; the kept batch - 2k values are averaged.
-        rescale = batch / (batch - 2 * k)
-        by_variable[id(layer.kernel)] = distribute.place_columns(
-            winsorize.trimmed_outer_sum(a, delta, k, columns, self.extremes_backend) * rescale,
-            width)
-        by_variable[id(layer.bias)] = distribute.place_columns(
-            winsorize.trimmed_sum(delta, k, columns, self.extremes_backend) * rescale, width)
-      return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses), logits
-    by_variable, num_clipped = {}, tf.constant(0, tf.int64)
-    for layer, a, delta in factors:
-      width = delta.shape[-1]
-      columns = distribute.own_columns(width)
-      kernel_sum, kernel_clipped = winsorize.winsorized_outer_sum_and_count(
-          a, delta, c, columns, self.extremes_backend)
-      bias_sum, bias_clipped = winsorize.winsorized_sum_and_count(delta, c, columns,
-                                                                  self.extremes_backend)
-      by_variable[id(layer.kernel)] = distribute.place_columns(kernel_sum, width)
-      by_variable[id(layer.bias)] = distribute.place_columns(bias_sum, width)
-      num_clipped += kernel_clipped + bias_clipped
-    num_clipped = distribute.sum_over_replicas(num_clipped)
-    self.clipped_fraction.update_state(
-        tf.cast(num_clipped, tf.float32) / (self.num_parameters * self.batch_size))
-    return [by_variable[id(v)] for v in variables], tf.reduce_mean(losses), logits
-
-  def _whole_batch_aggregate(self, factors):
-    """median, l2clip or dp from each Dense layer's (a [B, in], delta [B, out]), delta unscaled.
-
-    Returns:
-      One update per trainable variable, on the scale of the mean gradient.
-    """
-    config, batch = self.config, self.batch_size
-    if config.aggregator == 'median':
-      sums = []
-      for a, delta in factors:
-        sums += [aggregators.outer_median(a, delta, self.extremes_backend),
-                 aggregators.median(delta)]
-      return sums
-    sums = aggregators.clipped_sums(factors, config.clip_norm)
-    if config.aggregator == 'dp':
-      noise = aggregators.gaussian_noise([s.shape for s in sums],
-                                         config.noise_multiplier * config.clip_norm,
-                                         config.seed, self.optimizer.iterations)
-      sums = [s + n for s, n in zip(sums, noise)]
-    return [s / batch for s in sums]
-
-  def _over_minibatches(self, grads):
-    """m3 / rm3 / ra3: records this minibatch's gradients; returns the rule's update."""
-    seen = self.optimizer.iterations + 1  # minibatches seen, this one included
-    updates = []
-    for g, history in zip(grads, self.gradient_history):
-      # The first gradient fills the buffer, as in the authors' code; each next
-      # one replaces the oldest.
-      recorded = tf.where(seen == 1, tf.stack([g, g, g]), tf.tensor_scatter_nd_update(
-          history, [[(seen - 1) % 3]], g[tf.newaxis]))
-      history.assign(recorded)
-      updates.append(aggregators.over_minibatches(self.config.aggregator, recorded, seen))
-    return updates
+                               batch_metrics=[v for m in self.batch_metrics for v in m.variables],
+                               **self.aggregator.checkpointed(), **(self.forgetting or {}))
 
   def train_step(self, images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """One (winsorized) SGD step on the global minibatch, run on every replica by strategy.run.
+    """One step of the aggregated update on the global minibatch, on every replica (strategy.run).
+
+    Every replica computes the whole minibatch's forward and backward pass
+    (distribute.py); the aggregator splits its work over the replicas so that
+    the optimizer's cross-replica sum is the one-device update.
 
     Args:
       images: [B, 784], the global minibatch.
@@ -278,8 +183,32 @@ class Experiment:
     Returns:
       bool [B]: which examples the model classified correctly before the step.
     """
-    grads, loss, logits = self._gradients(images, labels)
-    self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+    batch, aggregator = self.batch_size, self.aggregator
+    variables = self.model.trainable_variables
+    if aggregator.needs_per_example:
+      # Each example's errors carry 1 / batch for rules of the minibatch-mean
+      # loss, and 1 for rules of each example's own loss.
+      scale = 1.0 / batch if aggregator.per_example_scale == 'mean' else 1.0
+      with tf.GradientTape() as tape:
+        with gradients.recording(self.model) as record:
+          logits = self.model(images)
+        losses = gradients.per_example_loss(labels, logits)
+        total = tf.reduce_sum(losses) * scale
+      loss = tf.reduce_mean(losses)
+      per_example = lambda: record.gradients(tape, total)
+      mean_gradient = None
+    else:
+      with tf.GradientTape() as tape:
+        logits = self.model(images)
+        loss = tf.reduce_sum(gradients.per_example_loss(labels, logits)) / batch
+      mean_gradient = lambda: tape.gradient(loss, variables)
+      per_example = None
+    update = aggregator.aggregate(aggregators.Minibatch(
+        variables=variables, batch_size=batch, step=self.optimizer.iterations,
+        mean_gradient=mean_gradient, per_example=per_example,
+        vectorized_map=lambda: gradients.per_example_gradients(
+            self.model, gradients.per_example_loss, images, labels)))
+    self.optimizer.apply_gradients(zip(update, variables))
     self.batch_loss.update_state(loss)
     return tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype), labels)
 
@@ -313,22 +242,28 @@ class Experiment:
         # Every replica classified the whole minibatch alike: take the first's.
         self._count_forgetting(indices, self.strategy.experimental_local_results(correct)[0])
 
+  @property
+  def hidden_layers(self) -> list:
+    """The layers whose units can die: those with weights, all but the last (the logits)."""
+    return [layer for layer in self.model.layers if layer.trainable_weights][:-1]
+
   @tf.function
   def _predict(self, images: tf.Tensor, labels: tf.Tensor):
     """Per-example loss [n], predicted class [n], and which units of each hidden layer are active.
 
     The model is applied layer by layer, as keras.Sequential applies it, so
     that each hidden layer's activations can be seen: the third output holds,
-    per hidden layer, a bool [width] that is True where some image of the
-    batch gives the unit a positive activation.
+    per hidden layer, a bool [units] (a Dense layer's units, a convolution's
+    channels) that is True where some image of the batch, at some position,
+    gives the unit a positive activation.
     """
-    hidden, active = images, []
-    for layer in self.model.layers[:-1]:
+    hidden, active, watched = images, [], set(map(id, self.hidden_layers))
+    for layer in self.model.layers:
       hidden = layer(hidden)
-      active.append(tf.reduce_any(hidden > 0, axis=0))
-    logits = self.model.layers[-1](hidden)
-    return (gradients.per_example_loss(labels, logits),
-            tf.argmax(logits, axis=-1, output_type=tf.int32), active)
+      if id(layer) in watched:
+        active.append(tf.reduce_any(hidden > 0, axis=list(range(hidden.shape.rank - 1))))
+    return (gradients.per_example_loss(labels, hidden),
+            tf.argmax(hidden, axis=-1, output_type=tf.int32), active)
 
   def predict(self, images: np.ndarray, labels: np.ndarray):
     """In eval batches, as NumPy: per-example loss [n], predicted class [n],
@@ -368,12 +303,9 @@ class Experiment:
       if mask.any():
         metrics[f'{split}/loss'] = train_loss[mask].mean()
         metrics[f'{split}/accuracy'] = fitted[mask].mean()
-    for layer, active in zip(self.model.layers, train_active):
+    for layer, active in zip(self.hidden_layers, train_active):
       metrics[f'dead_units/{layer.name}'] = 1.0 - active.mean()
-    if self.config.aggregator == 'dp':
-      metrics['dp/epsilon'] = aggregators.dp_epsilon(
-          self.noisy.num_train, self.batch_size, step, self.config.noise_multiplier,
-          self.config.dp_delta)
+    metrics.update(self.aggregator.evaluation_metrics(self.noisy.num_train, self.batch_size, step))
     noise = self.config.noise
     metrics['overfit'] = metrics['train/accuracy'] - (
         noise * 0.1 + (1 - noise) * metrics['test/accuracy'])
@@ -439,6 +371,136 @@ def train_and_evaluate(config: Config, workdir: str,
     return _train_and_evaluate(config, workdir, dataset, strategy, stop)
 
 
+@dataclasses.dataclass
+class Action:
+  """Something the loop does between compiled calls, at the steps it names.
+
+  Attributes:
+    name: what it is, for the log.
+    steps: the steps at which it runs (after the step's update).
+    run: run(step) does it.
+  """
+  name: str
+  steps: FrozenSet[int]
+  run: Callable[[int], None]
+
+
+class RunFiles:
+  """The run directory as the loop writes it: checkpoints, summaries, records.
+
+  A write that fails stops the run with one line naming the file, the step,
+  the reason and the last good checkpoint (WriteFailed); only the chief of
+  several workers writes summaries and records.
+  """
+
+  def __init__(self, workdir: str, experiment: Experiment, strategy: tf.distribute.Strategy):
+    self.workdir, self.experiment = workdir, experiment
+    self.chief = distribute.is_chief(strategy)
+    # Every worker takes part in each save; a non-chief worker's copy goes to
+    # scratch space and is deleted.
+    self.manager = tf.train.CheckpointManager(
+        experiment.checkpoint(), distribute.checkpoint_dir(workdir, strategy), max_to_keep=3)
+    self.writer = (tf.summary.create_file_writer(workdir) if self.chief else
+                   tf.summary.create_noop_writer())
+
+  def last_checkpoint(self) -> Optional[str]:
+    return tf.train.latest_checkpoint(os.path.join(self.workdir, 'checkpoints'))
+
+  def write(self, path: str, action: Callable[[], object]) -> None:
+    """Runs `action`, which writes `path`; a failure stops the run with one clear line."""
+    try:
+      action()
+    except (OSError, tf.errors.OpError) as e:
+      reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or str(e)
+      for leftover in (tf.io.gfile.glob(os.path.join(self.workdir, '*.tmp*')) +
+                       tf.io.gfile.glob(os.path.join(self.workdir, 'checkpoints', '*_temp*'))):
+        (tf.io.gfile.rmtree if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove)(leftover)
+      raise WriteFailed(
+          f'could not write {path} at step {self.experiment.step} ({reason.splitlines()[0]}). '
+          f'The last good checkpoint is {self.last_checkpoint() or "none"}; free space or '
+          'restore access, then rerun the same command to resume from it') from None
+
+  def save_checkpoint(self, step: int) -> None:
+    self.write(self.manager.directory, lambda: self.manager.save(checkpoint_number=step))
+    if not self.chief:
+      tf.io.gfile.rmtree(self.manager.directory)
+
+  def flush(self) -> None:
+    self.write(os.path.join(self.workdir, 'events.out.tfevents.*'), self.writer.flush)
+
+  def scalars(self, step: int, values: Dict[str, float]) -> None:
+    with self.writer.as_default(step=step):
+      for name, value in values.items():
+        tf.summary.scalar(name, value)
+
+  def record(self, filename: str, save: Callable[[], None]) -> None:
+    """Writes a record file of the chief (examples.npz, decomposition.npz, ...) by `save`."""
+    if self.chief:
+      self.write(os.path.join(self.workdir, filename), save)
+
+
+def measurement_action(name: str, steps, recorder, filename: str, files: RunFiles) -> Action:
+  """At `steps`: measures with `recorder` (decomposition.Recorder, coherence.Recorder), writes
+  its scalars and images as summaries, and its records to `filename`."""
+
+  def run(step):
+    start = time.perf_counter()
+    recorder.measure(step)
+    log.info('step %d: %s measured in %.2f s', step, name, time.perf_counter() - start)
+    files.scalars(step, recorder.scalars())
+    with files.writer.as_default(step=step):
+      for tag, image in recorder.image_summaries().items():
+        tf.summary.image(tag, image)
+    files.record(filename, lambda: workdir_lib.save_measurements(files.workdir, filename,
+                                                                 recorder.arrays()))
+
+  return Action(name, frozenset(steps), run)
+
+
+class Evaluation:
+  """The evaluation action: metrics, summaries, the divergence check, examples.npz, the log line.
+
+  Attributes:
+    metrics: the last evaluation's metrics ({} before the first).
+    steps_per_second: set by the loop before each evaluation (None at step 0).
+  """
+
+  def __init__(self, experiment: Experiment, files: RunFiles, config: Config):
+    self.experiment, self.files, self.config = experiment, files, config
+    self.metrics: Dict[str, float] = {}
+    self.steps_per_second: Optional[float] = None
+
+  def __call__(self, step: int) -> None:
+    experiment, config = self.experiment, self.config
+    metrics = experiment.evaluate()
+    if self.steps_per_second is not None:
+      metrics['steps_per_second'] = self.steps_per_second
+    for metric in experiment.batch_metrics:
+      if int(metric.count.numpy()):
+        metrics[metric.name] = float(metric.result())
+      metric.reset_state()
+    self.metrics = metrics
+    self.files.scalars(step, metrics)
+    self.files.flush()
+    if not np.isfinite(metrics['train/loss']):
+      raise TrainingDiverged(
+          f'training diverged at step {step}: the training loss is {metrics["train/loss"]}. '
+          f'Kept: the summaries to step {step} and the last good checkpoint '
+          f'({self.files.manager.latest_checkpoint or "none"}). Try a --learning_rate smaller '
+          f'than {config.learning_rate:g} in a new --logdir')
+    self.files.record(workdir_lib.EXAMPLES_FILE, lambda: workdir_lib.save_examples(
+        self.files.workdir, experiment.examples_record()))
+    speed = self.steps_per_second
+    # The first steps' speed includes compiling the loop: no ETA from them.
+    eta = ('' if not speed or step < 100 else
+           f', ETA {(config.steps - step) / speed / 60:.1f} min')
+    log.info('step %d/%d: train %.4f (pristine %s, corrupt %s), test %.4f, loss %.4f%s%s',
+             step, config.steps, metrics['train/accuracy'],
+             _fmt(metrics.get('train_pristine/accuracy')),
+             _fmt(metrics.get('train_corrupt/accuracy')), metrics['test/accuracy'],
+             metrics['train/loss'], '' if speed is None else f', {speed:.0f} steps/s', eta)
+
+
 def _train_and_evaluate(config, workdir, dataset, strategy, stop):
   strategy = strategy or tf.distribute.get_strategy()
   chief = distribute.is_chief(strategy)
@@ -451,160 +513,91 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   experiment = Experiment(config, noisy, strategy)
-  # Every worker resumes from the chief's checkpoints and takes part in each
-  # save; a non-chief worker's copy goes to scratch space and is deleted.
+  # Every worker resumes from the chief's checkpoints.
   latest = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
   if latest:
     experiment.checkpoint().restore(latest).assert_existing_objects_matched()
     log.info('resuming at step %d from %s', experiment.step, latest)
-  manager = tf.train.CheckpointManager(experiment.checkpoint(),
-                                       distribute.checkpoint_dir(workdir, strategy), max_to_keep=3)
-
-  def write(path, action):
-    """Runs `action`, which writes `path`; a failure stops the run with one clear line."""
-    try:
-      action()
-    except (OSError, tf.errors.OpError) as e:
-      reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or str(e)
-      for leftover in (tf.io.gfile.glob(os.path.join(workdir, '*.tmp*')) +
-                       tf.io.gfile.glob(os.path.join(workdir, 'checkpoints', '*_temp*'))):
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove)(leftover)
-      last_good = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
-      raise WriteFailed(
-          f'could not write {path} at step {experiment.step} ({reason.splitlines()[0]}). '
-          f'The last good checkpoint is {last_good or "none"}; free space or restore access, '
-          'then rerun the same command to resume from it') from None
-
-  def save_checkpoint(step):
-    write(manager.directory, lambda: manager.save(checkpoint_number=step))
-    if not chief:
-      tf.io.gfile.rmtree(manager.directory)
-
+  files = RunFiles(workdir, experiment, strategy)
+  evaluation = Evaluation(experiment, files, config)
   # Every worker stops at the same steps, so their compiled calls line up;
-  # only the chief measures, which only writes.
-  decomp_steps = set(schedule.decomposition_steps(config.steps, config.decomp_every,
-                                                  config.decomp_dense_steps))
-  coherence_steps = set(schedule.decomposition_steps(config.steps, config.coherence_every,
-                                                     config.decomp_dense_steps))
-  measurements = []  # (steps, recorder, file name)
-  if decomp_steps and chief:
-    measurements.append((decomp_steps, decomposition.Recorder(
-        experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
-        config.null_worlds, config.noise_seed, config.eval_batch_size,
-        config.decomp_sample_examples, config.decomp_sample_weights),
-                         workdir_lib.DECOMPOSITION_FILE))
-  if coherence_steps and chief:
-    measurements.append((coherence_steps, coherence.Recorder(
-        experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
-        config.eval_batch_size, config.stiffness_examples, config.noise_seed,
-        data_lib.NUM_CLASSES), workdir_lib.COHERENCE_FILE))
-  for _, recorder, filename in measurements:
-    saved = workdir_lib.read_measurements(workdir, filename)
-    if saved is not None:
-      recorder.restore(saved, experiment.step)
-  measure_steps = decomp_steps | coherence_steps
-  writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
-  eval_steps = set(schedule.evaluation_steps(config.steps, config.eval_every,
-                                             config.checkpoint_every))
-  checkpoint_steps = set(schedule.checkpoint_steps(config.steps, config.checkpoint_every))
-  metrics: Dict[str, float] = {}
+  # only the chief measures, which only writes. Measurements come before the
+  # checkpoint of the same step, so a run resumed from it already has them.
+  actions = []
+  if chief:
+    for every, name, filename, make in (
+        (config.decomp_every, 'decomposition', workdir_lib.DECOMPOSITION_FILE,
+         lambda: decomposition.Recorder(
+             experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
+             config.null_worlds, config.noise_seed, config.eval_batch_size,
+             config.decomp_sample_examples, config.decomp_sample_weights)),
+        (config.coherence_every, 'coherence', workdir_lib.COHERENCE_FILE,
+         lambda: coherence.Recorder(
+             experiment.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
+             config.eval_batch_size, config.stiffness_examples, config.noise_seed,
+             data_lib.NUM_CLASSES))):
+      steps = schedule.decomposition_steps(config.steps, every, config.decomp_dense_steps)
+      if steps:
+        recorder = make()
+        saved = workdir_lib.read_measurements(workdir, filename)
+        if saved is not None:
+          recorder.restore(saved, experiment.step)
+        actions.append(measurement_action(name, steps, recorder, filename, files))
+  actions.append(Action('evaluation', frozenset(schedule.evaluation_steps(
+      config.steps, config.eval_every, config.checkpoint_every)), evaluation))
+  actions.append(Action('checkpoint', frozenset(schedule.checkpoint_steps(
+      config.steps, config.checkpoint_every)), files.save_checkpoint))
   log.info('%d training examples (%d corrupt), %d parameters, %d steps of batch %d, %s%s',
            noisy.num_train, noisy.corrupt.sum(), experiment.num_parameters, config.steps,
            experiment.batch_size, distribute.describe(strategy),
            {None: '', 'xla': ', order statistics by XLA',
             'cpu_kernel': ', order statistics by the compiled CPU kernel'}[
-                experiment.extremes_backend])
-
-  def measure():
-    step = experiment.step
-    for steps, recorder, filename in measurements:
-      if step not in steps:
-        continue
-      start = time.perf_counter()
-      recorder.measure(step)
-      log.info('step %d: %s measured in %.2f s', step, os.path.splitext(filename)[0],
-               time.perf_counter() - start)
-      with writer.as_default(step=step):
-        for name, value in recorder.scalars().items():
-          tf.summary.scalar(name, value)
-        for name, image in recorder.image_summaries().items():
-          tf.summary.image(name, image)
-      write(os.path.join(workdir, filename),
-            lambda: workdir_lib.save_measurements(workdir, filename, recorder.arrays()))  # pylint: disable=cell-var-from-loop
-
-  def evaluate_and_record(steps_per_second: Optional[float]):
-    nonlocal metrics
-    step = experiment.step
-    metrics = experiment.evaluate()
-    if steps_per_second is not None:
-      metrics['steps_per_second'] = steps_per_second
-    for metric in (experiment.batch_loss, experiment.clipped_fraction):
-      if int(metric.count.numpy()):
-        metrics[metric.name] = float(metric.result())
-      metric.reset_state()
-    with writer.as_default(step=step):
-      for name, value in metrics.items():
-        tf.summary.scalar(name, value)
-    write(os.path.join(workdir, 'events.out.tfevents.*'), writer.flush)
-    if not np.isfinite(metrics['train/loss']):
-      raise TrainingDiverged(
-          f'training diverged at step {step}: the training loss is {metrics["train/loss"]}. '
-          f'Kept: the summaries to step {step} and the last good checkpoint '
-          f'({manager.latest_checkpoint or "none"}). Try a --learning_rate smaller than '
-          f'{config.learning_rate:g} in a new --logdir')
-    if chief:
-      write(os.path.join(workdir, workdir_lib.EXAMPLES_FILE),
-            lambda: workdir_lib.save_examples(workdir, experiment.examples_record()))
-    if step in checkpoint_steps:
-      save_checkpoint(step)
-    # The first steps' speed includes compiling the loop: no ETA from them.
-    eta = ('' if not steps_per_second or step < 100 else
-           f', ETA {(config.steps - step) / steps_per_second / 60:.1f} min')
-    log.info('step %d/%d: train %.4f (pristine %s, corrupt %s), test %.4f, loss %.4f%s%s',
-             step, config.steps, metrics['train/accuracy'],
-             _fmt(metrics.get('train_pristine/accuracy')),
-             _fmt(metrics.get('train_corrupt/accuracy')), metrics['test/accuracy'],
-             metrics['train/loss'],
-             '' if steps_per_second is None else f', {steps_per_second:.0f} steps/s', eta)
+                experiment.aggregator.backend])
 
   if experiment.step == 0:
     from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=g-import-not-at-top
-    with writer.as_default():
+    with files.writer.as_default():
       hparams_api.hparams(_hparams(config))
-    measure()
-    evaluate_and_record(None)
-  for target in sorted(eval_steps | measure_steps):
+    for action in actions:
+      if 0 in action.steps:
+        action.run(0)
+  _walk(experiment, actions, evaluation, files, stop)
+  metrics = evaluation.metrics
+  if not metrics:
+    log.info('run in %s already complete at step %d', workdir, experiment.step)
+    metrics = experiment.evaluate()
+  files.writer.close()
+  if chief:
+    files.write(os.path.join(workdir, workdir_lib.FINAL_METRICS_FILE),
+                lambda: workdir_lib.save_final_metrics(workdir, experiment.step, metrics))
+  return metrics
+
+
+def _walk(experiment: Experiment, actions, evaluation: Evaluation, files: RunFiles,
+          stop: StopRequests) -> None:
+  """Trains to each step some action names, in calls of STEPS_PER_CALL steps, then runs the
+  actions of that step in their order; a stop request is honoured before a call."""
+  for target in sorted(frozenset().union(*(action.steps for action in actions))):
     step = experiment.step
     if target <= step:
       continue
     start = time.perf_counter()
     while experiment.step < target:  # .step waits for the device
-      # Stop only before a call: a target reached is evaluated first, so the
-      # checkpoint never skips an evaluation the resumed run would not redo.
+      # Stop only before a call: a target reached has its actions run first, so
+      # the checkpoint never skips an evaluation the resumed run would not redo.
       if stop.signum is not None:
         stopped_at = experiment.step
-        save_checkpoint(stopped_at)
-        write(os.path.join(workdir, 'events.out.tfevents.*'), writer.flush)
+        files.save_checkpoint(stopped_at)
+        files.flush()
         raise RunInterrupted(
             f'stopped by {signal.Signals(stop.signum).name} at step {stopped_at}; saved '
-            f'{tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))}. Rerun the '
-            'same command to resume', stop.signum)
+            f'{files.last_checkpoint()}. Rerun the same command to resume', stop.signum)
       experiment.train_steps(tf.constant(min(STEPS_PER_CALL, target - experiment.step),
                                          tf.int64))
-    steps_per_second = (target - step) / (time.perf_counter() - start)
-    # Measurements come before the checkpoint that evaluation may write, so a
-    # run resumed from that checkpoint already has them.
-    measure()
-    if target in eval_steps:
-      evaluate_and_record(steps_per_second)
-  if not metrics:
-    log.info('run in %s already complete at step %d', workdir, experiment.step)
-    metrics = experiment.evaluate()
-  writer.close()
-  if chief:
-    write(os.path.join(workdir, workdir_lib.FINAL_METRICS_FILE),
-          lambda: workdir_lib.save_final_metrics(workdir, experiment.step, metrics))
-  return metrics
+    evaluation.steps_per_second = (target - step) / (time.perf_counter() - start)
+    for action in actions:
+      if target in action.steps:
+        action.run(target)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -1,8 +1,13 @@
-"""What several test modules share: tiny datasets and configs, and finished runs with planted numbers."""
+"""What several test modules share: finished runs with planted numbers, and a zoo of small
+models, one per layer type of gradients.RULES and one for its vectorized_map fallback."""
 
+import json
 import os
+import subprocess
+import sys
 from typing import Dict, Mapping, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -76,5 +81,101 @@ def decomposition_record(steps, f_pristine, corrupt: np.ndarray,
           'seconds': np.full(len(steps), 0.5), 'corrupt': designations}
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def replica_runs(replicas: int, cases: Dict[str, dict], workdir: str):
+  """tests/replica_runs.py in its own process: {name: (final metrics, checkpointed arrays)}.
+
+  Logical CPU devices are set before TensorFlow starts, so each replica
+  count is a process of its own.
+  """
+  result = subprocess.run([sys.executable, '-m', 'tests.replica_runs', str(replicas),
+                           json.dumps(cases), workdir], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+  if result.returncode:
+    raise AssertionError(result.stderr[-3000:])
+  final_metrics = json.loads(result.stdout.strip().splitlines()[-1])
+  runs = {}
+  for name, metrics in final_metrics.items():
+    with np.load(os.path.join(workdir, name, 'weights.npz')) as arrays:
+      runs[name] = metrics, dict(arrays)
+  return runs
+
+
 def run_path(out: str, name: str) -> str:
   return os.path.join(out, 'runs', name)
+
+
+class Scale(keras.layers.Layer):
+  """A layer without a rule in gradients.RULES (so its per-example gradients come from
+  tf.vectorized_map): sin(x * w) + b, elementwise."""
+
+  def build(self, input_shape):
+    self.w = self.add_weight(shape=(input_shape[-1],), initializer='ones', name='w')
+    self.b = self.add_weight(shape=(input_shape[-1],), initializer='zeros', name='b')
+
+  def call(self, x):
+    return tf.sin(x * self.w) + self.b
+
+
+def _layers(name, dtype):
+  """The layers of zoo model `name`, each in `dtype`."""
+  kind = {'dtype': dtype}
+  return {
+      'dense': [keras.layers.Dense(5, activation='relu', **kind),
+                keras.layers.Dense(4, activation='tanh', use_bias=False, **kind),
+                keras.layers.Dense(3, **kind)],
+      'dense_3d': [keras.layers.Dense(6, activation='relu', **kind), keras.layers.Flatten(),
+                   keras.layers.Dense(3, **kind)],
+      'conv2d': [keras.layers.Conv2D(4, 3, strides=2, padding='same', activation='relu', **kind),
+                 keras.layers.Conv2D(3, 2, dilation_rate=2, use_bias=False, **kind),
+                 keras.layers.MaxPooling2D(1), keras.layers.Flatten(),
+                 keras.layers.Dense(3, **kind)],
+      'conv1d': [keras.layers.Conv1D(4, 3, padding='causal', dilation_rate=2, activation='relu',
+                                     **kind),
+                 keras.layers.Conv1D(2, 2, strides=2, **kind), keras.layers.Flatten(),
+                 keras.layers.Dense(3, **kind)],
+      'embedding': [keras.layers.Embedding(50, 3, **kind), keras.layers.Flatten(),
+                    keras.layers.Dense(3, **kind)],
+      'layer_norm': [keras.layers.Dense(8, **kind), keras.layers.LayerNormalization(**kind),
+                     keras.layers.Dense(3, **kind)],
+      'group_norm': [keras.layers.Conv2D(4, 3, **kind),
+                     keras.layers.GroupNormalization(groups=2, **kind), keras.layers.Flatten(),
+                     keras.layers.Dense(3, **kind)],
+      'vectorized_map': [keras.layers.Dense(4, **kind), Scale(**kind),
+                         keras.layers.Dense(3, **kind)],
+  }[name]
+
+
+ZOO_INPUTS = {'dense': (6,), 'dense_3d': (4, 5), 'conv2d': (7, 7, 2), 'conv1d': (10, 3),
+              'embedding': (4,), 'layer_norm': (6,), 'group_norm': (6, 6, 4),
+              'vectorized_map': (5,)}
+ZOO = tuple(ZOO_INPUTS)
+
+
+def zoo_model(name: str, dtype: str = 'float32', seed: int = 0) -> keras.Model:
+  """A small model with the layer type `name` tests, its weights drawn (biases nonzero) by `seed`.
+
+  The same name and seed give the same weights in float32 and float64.
+  """
+  inputs = keras.Input(ZOO_INPUTS[name], dtype='int32' if name == 'embedding' else dtype)
+  model = keras.Sequential([inputs, *_layers(name, dtype)], name=name)
+  rng = np.random.default_rng(seed)
+  model.set_weights([rng.normal(0, 0.7, w.shape).astype(dtype) for w in model.get_weights()])
+  return model
+
+
+def zoo_batch(name: str, batch: int, seed: int = 0):
+  """(x, y) for zoo model `name`: random inputs with exact zeros, and ties: the last
+  example repeats the first (inputs and label) when batch > 2."""
+  rng = np.random.default_rng(seed + 100)
+  shape = (batch, *ZOO_INPUTS[name])
+  if name == 'embedding':
+    x = rng.integers(0, 50, shape).astype(np.int32)
+  else:
+    x = (rng.normal(size=shape) * (rng.random(shape) < 0.7)).astype(np.float32)
+  y = rng.integers(0, 3, batch).astype(np.int32)
+  if batch > 2:
+    x[-1], y[-1] = x[0], y[0]
+  return x, y

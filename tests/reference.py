@@ -98,3 +98,25 @@ def dp_sgd_epsilon(sampling_rate, noise_multiplier, steps, delta,
     rdp = steps * log_a / (a - 1)
     best = min(best, rdp + math.log1p(-1 / a) - math.log(delta * a) / (a - 1))
   return best
+
+
+def per_example_gradients_float64(model, x, y):
+  """Each example's gradient of its own softmax cross-entropy, one GradientTape per example.
+
+  Args:
+    model: a float64 Keras model (its layers made with dtype='float64').
+    x: [batch, ...] inputs; y: [batch] int labels.
+
+  Returns:
+    One float64 array [batch, *variable.shape] per model.trainable_variables.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  per_variable = [[] for _ in model.trainable_variables]
+  for e in range(len(y)):
+    with tf.GradientTape() as tape:
+      logits = model(x[e:e + 1], training=True)
+      loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y[e:e + 1], logits=logits)[0]
+    for grads, g in zip(per_variable, tape.gradient(loss, model.trainable_variables)):
+      grads.append(tf.convert_to_tensor(g).numpy().astype(np.float64))
+  return [np.stack(g) for g in per_variable]
+

@@ -11,6 +11,11 @@ N = 1 is the default strategy (one device). Each run trains (or resumes), then
 writes the final model weights, per-example learning steps and forgetting
 counts, as checkpointed, to WORKDIR/name/weights.npz. The last line printed is
 one JSON object {name: final metrics}.
+
+A case with "fit": {"aggregator": NAME, ...settings} instead trains the zoo's
+convolutional model (tests/fixtures.py) through cg_tf.keras.with_aggregator
+and Keras' fit, built under the strategy's scope, on 90 fixed examples in
+batches of 20 (the last one of 10) for 2 epochs, and writes its final weights.
 """
 
 import json
@@ -29,6 +34,27 @@ SETTINGS = dict(hidden=(16, 8), batch_size=100, steps=50, eval_every=25, checkpo
                 learning_rate=0.1, eval_batch_size=64, noise=0.5)
 
 
+def fit(strategy, settings, run_dir):
+  """Trains the zoo's conv2d model through with_aggregator + fit; writes weights.npz."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import cg_tf.keras  # pylint: disable=g-import-not-at-top
+  from cg_tf import aggregators  # pylint: disable=g-import-not-at-top
+  from tests import fixtures  # pylint: disable=g-import-not-at-top
+  settings = dict(settings)
+  with strategy.scope():
+    model = cg_tf.keras.with_aggregator(fixtures.zoo_model('conv2d'),
+                                        aggregators.get(settings.pop('aggregator'), **settings))
+    model.compile(optimizer=keras.optimizers.SGD(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=['accuracy'])
+  x, y = fixtures.zoo_batch('conv2d', 90)
+  history = model.fit(x, y, batch_size=20, epochs=2, shuffle=False, verbose=0)
+  os.makedirs(run_dir, exist_ok=True)
+  np.savez(os.path.join(run_dir, 'weights.npz'),
+           **{f'weight_{i}': w for i, w in enumerate(model.get_weights())})
+  return {key: values[-1] for key, values in history.history.items()}
+
+
 def main():
   replicas, cases, workdir = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
   if replicas == 1:
@@ -39,6 +65,9 @@ def main():
   final_metrics = {}
   for name, overrides in cases.items():
     run_dir = os.path.join(workdir, name)
+    if 'fit' in overrides:
+      final_metrics[name] = fit(strategy, overrides['fit'], run_dir)
+      continue
     config = Config(**{**SETTINGS, **overrides})
     final_metrics[name] = train.train_and_evaluate(config, run_dir, separable_dataset(),
                                                    strategy)

@@ -10,10 +10,12 @@ import tensorflow as tf
 from cg_tf import aggregators
 from cg_tf import config as config_lib
 from cg_tf import data
+from cg_tf import gradients
 from cg_tf import train
 from cg_tf import winsorize
 from cg_tf.config import Config
 from cg_tf.errors import UserInputError
+from tests import fixtures
 from tests import reference
 from tests import test_train
 
@@ -113,6 +115,96 @@ class OrderStatisticsTest(parameterized.TestCase, tf.test.TestCase):
   def test_dp_epsilon_depends_on_delta(self):
     loose, tight = (aggregators.dp_epsilon(60000, 256, 1000, 1.1, delta) for delta in (1e-5, 1e-6))
     self.assertGreater(tight, loose * 1.1)
+
+
+def library_update(model, aggregator, x, y):
+  """The update `aggregator` makes from the minibatch (x, y) of `model`, by the library.
+
+  The per-example gradients come from gradients.recording, as run.py's and
+  fit's steps take them, on the scale the aggregator asks for.
+  """
+  variables = model.trainable_variables
+  batch = len(y)
+  aggregator.build(variables, on_cpus=True)
+
+  @tf.function
+  def update():
+    scale = 1.0 / batch if aggregator.per_example_scale == 'mean' else 1.0
+    with tf.GradientTape(persistent=True) as tape:
+      with gradients.recording(model) as record:
+        logits = model(x)
+      losses = gradients.per_example_loss(y, logits)
+      mean, total = tf.reduce_mean(losses), tf.reduce_sum(losses) * scale
+    return aggregator.aggregate(aggregators.Minibatch(
+        variables=variables, batch_size=batch, step=tf.constant(0, tf.int64),
+        mean_gradient=lambda: tape.gradient(mean, variables),
+        per_example=lambda: record.gradients(tape, total),
+        vectorized_map=lambda: gradients.per_example_gradients(
+            model, gradients.per_example_loss, x, y)))
+
+  return [tf.convert_to_tensor(u).numpy() for u in update()]
+
+
+# Every rule that reads per-example gradients, with settings that clip on a batch of 12.
+PER_EXAMPLE_RULES = {
+    'mean': ('mean', {}, {}),
+    'winsorize_c10': ('winsorize', {'c': 10}, {'c': 10}),
+    'winsorize_c30': ('winsorize', {'c': 30}, {'c': 30}),
+    'trimmed_mean_k2': ('trimmed_mean', {'k': 2}, {'k': 2}),
+    'median': ('median', {}, {}),
+    'l2clip': ('l2clip', {'clip_norm': 0.5}, {'clip_norm': 0.5}),
+    'dp_without_noise': ('dp', {'clip_norm': 0.5}, {'clip_norm': 0.5}),
+}
+
+
+class EveryLayerEveryRuleTest(parameterized.TestCase, tf.test.TestCase):
+  """Each rule on each model of the zoo (a layer type of gradients.RULES, or the
+  vectorized_map fallback) against NumPy on float64 gradients, one tape per example."""
+
+  def check(self, name, rule, size, backend='fast'):
+    aggregator_name, settings, reference_settings = PER_EXAMPLE_RULES[rule]
+    if aggregator_name in ('winsorize', 'trimmed_mean', 'median'):
+      settings = {**settings, 'impl': backend}
+    x, y = fixtures.zoo_batch(name, size)
+    model = fixtures.zoo_model(name)
+    got = library_update(model, aggregators.get(aggregator_name, **settings), x, y)
+    per_example = reference.per_example_gradients_float64(fixtures.zoo_model(name, 'float64'),
+                                                          x, y)
+    reference_rule = 'l2clip' if aggregator_name == 'dp' else aggregator_name
+    expected = reference.aggregate(
+        reference_rule, np.concatenate([g.reshape(size, -1) for g in per_example], axis=1),
+        **reference_settings)
+    self.assertAllClose(flat(got), expected, rtol=1e-4, atol=1e-5)
+
+  @parameterized.product(name=fixtures.ZOO, rule=tuple(PER_EXAMPLE_RULES))
+  def test_on_a_batch_with_ties_and_zeros(self, name, rule):
+    self.check(name, rule, 12)
+
+  @parameterized.product(name=fixtures.ZOO, rule=('mean', 'winsorize_c10', 'median', 'l2clip'))
+  def test_on_a_batch_of_one(self, name, rule):
+    self.check(name, rule, 1)
+
+  @parameterized.product(rule=('winsorize_c10', 'trimmed_mean_k2', 'median'),
+                         backend=('xla', 'cpu_kernel'))
+  def test_both_backends_on_a_convolution(self, rule, backend):
+    self.check('conv2d', rule, 12, backend)
+
+  def test_a_rule_of_its_own_is_one_class(self):
+
+    class SignSum(aggregators.Aggregator):
+      """The sign of the summed gradient: a rule made for this test."""
+      name = 'sign_sum'
+
+      def aggregate(self, minibatch):
+        return [tf.sign(v.scatter(tf.reduce_sum(v.values(), axis=0)))
+                for v in minibatch.per_example()]
+
+    x, y = fixtures.zoo_batch('conv2d', 6)
+    got = library_update(fixtures.zoo_model('conv2d'), SignSum(), x, y)
+    per_example = reference.per_example_gradients_float64(fixtures.zoo_model('conv2d', 'float64'),
+                                                          x, y)
+    for g, e in zip(got, per_example):
+      self.assertAllEqual(g, np.sign(e.sum(axis=0)))
 
 
 def one_step_config(aggregator, **settings):
@@ -227,18 +319,44 @@ class InTheLoopTest(parameterized.TestCase, tf.test.TestCase):
 class SettingsTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ({'aggregator': 'median', 'winsor_c': 2}, '--winsor_c=2 winsorizes, but --aggregator=median'),
-      ({'aggregator': 'trimmed_mean'}, 'needs 1 <= --trim_k < --batch_size / 2'),
-      ({'aggregator': 'trimmed_mean', 'trim_k': 10}, 'needs 1 <= --trim_k < --batch_size / 2'),
-      ({'aggregator': 'l2clip'}, '--aggregator=l2clip needs --clip_norm > 0'),
+      ({'aggregator': 'median', 'winsor_c': 2},
+       '--winsor_c=2 is a setting of --aggregator=winsorize, but --aggregator=median'),
+      ({'aggregator': 'trimmed_mean'}, 'trimmed_mean needs k >= 1 values dropped a side (got '
+                                       '--trim_k=0)'),
+      ({'aggregator': 'trimmed_mean', 'trim_k': 10},
+       'trimmed_mean needs 1 <= k < batch size / 2 (got --trim_k=10, batch size 20)'),
+      ({'aggregator': 'l2clip'}, 'l2clip needs clip_norm > 0 (got --clip_norm=0)'),
       ({'aggregator': 'l2clip', 'clip_norm': 1.0, 'noise_multiplier': 1.0},
-       '--noise_multiplier adds noise for --aggregator=dp only'),
-      ({'aggregator': 'median', 'batch_size': 0}, '--aggregator=median needs a minibatch'),
+       '--noise_multiplier=1 is a setting of --aggregator=dp, but --aggregator=l2clip'),
+      ({'aggregator': 'median', 'batch_size': 0}, 'the median needs a minibatch'),
+      ({'aggregator': 'median', 'winsor_impl': 'reference'},
+       '--winsor_impl=reference is for winsorize'),
       ({'aggregator': 'nope'}, '--aggregator=nope must be one of'),
+      ({'winsor_c': 50}, '--winsor_c=50 must be in [0, 50)'),
   )
   def test_bad_settings_are_refused_in_one_line(self, settings, message):
     with self.assertRaisesRegex(UserInputError, re.escape(message)):
       test_train.tiny_config(**settings)
+
+  @parameterized.parameters(
+      ('winsorize', {'c': 60}, 'winsorize: c=60 must be in [0, 50)'),
+      ('trimmed_mean', {'k': 0}, 'trimmed_mean needs k >= 1 values dropped a side (got k=0)'),
+      ('mean', {'c': 2}, 'mean takes no setting c (its settings: none)'),
+      ('l2clip', {}, 'l2clip needs clip_norm > 0 (got clip_norm=None)'),
+      ('dp', {'clip_norm': 1.0, 'delta': 2.0}, 'dp: delta=2.0 must be in (0, 1)'),
+      ('winsorise', {}, "no aggregator 'winsorise'; the aggregators are mean, winsorize"),
+  )
+  def test_get_refuses_bad_settings_in_one_line(self, name, settings, message):
+    with self.assertRaisesRegex(UserInputError, re.escape(message)):
+      aggregators.get(name, **settings)
+
+  def test_the_registry_is_what_the_flags_offer(self):
+    self.assertEqual(tuple(aggregators.REGISTRY), config_lib.AGGREGATORS)
+    self.assertEqual(aggregators.get('winsorize', c=2).values, {'c': 2, 'impl': 'fast'})
+    self.assertEqual(aggregators.get('dp', clip_norm=1.0, noise_multiplier=1.1).describe(),
+                     'dp C=1 σ=1.1')
+    self.assertFalse(aggregators.get('winsorize').needs_per_example)
+    self.assertTrue(aggregators.get('median').needs_per_example)
 
   @parameterized.parameters(
       ({}, 'mean (SGD)', 'mean (SGD)'),
@@ -254,5 +372,5 @@ class SettingsTest(parameterized.TestCase):
   def test_settings_are_named_and_share_the_step_time_of_what_does_the_same_work(
       self, settings, name, cost_name):
     config = test_train.tiny_config(**settings)
-    self.assertEqual(config_lib.describe_aggregator(config), name)
-    self.assertEqual(config_lib.step_cost_setting(config), cost_name)
+    self.assertEqual(aggregators.describe_run(config), name)
+    self.assertEqual(aggregators.step_cost_setting(config), cost_name)

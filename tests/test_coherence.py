@@ -14,6 +14,7 @@ from cg_tf import train
 from cg_tf import workdir
 from cg_tf.config import Config
 from cg_tf.errors import UserInputError
+from tests import fixtures
 from tests import reference
 from tests import test_gradients
 from tests import test_train
@@ -45,17 +46,35 @@ class StatisticsTest(parameterized.TestCase, tf.test.TestCase):
     corrupt = np.random.default_rng(size).random(size) < 0.4
     sums, sq_norms = coherence.layer_statistics(model, x, y, corrupt, chunk)
     for layer, (s, g) in enumerate(zip(sums, per_layer_gradients(model, x, y))):
-      fan_in, fan_out = model.layers[layer].kernel.shape
-
-      def as_rows(flat):  # kernel [fan_in, fan_out] then bias [fan_out] -> [fan_in + 1, fan_out]
-        return flat.reshape(fan_in + 1, fan_out)
-
-      self.assertAllClose(s.total_sum, as_rows(g.sum(axis=0)), rtol=1e-4, atol=1e-6)
-      self.assertAllClose(s.corrupt_sum, as_rows(g[corrupt].sum(axis=0)), rtol=1e-4, atol=1e-6)
-      self.assertAllClose(s.square_sum, as_rows((g * g).sum(axis=0)), rtol=1e-4, atol=1e-8)
-      self.assertAllEqual(s.sign_sum, as_rows(np.sign(g).sum(axis=0)))
-      self.assertAllEqual(s.nonzero, as_rows((g != 0).sum(axis=0)))
+      # Each layer's parameters flat: the kernel, then the bias.
+      self.assertAllClose(s.total_sum, g.sum(axis=0), rtol=1e-4, atol=1e-6)
+      self.assertAllClose(s.corrupt_sum, g[corrupt].sum(axis=0), rtol=1e-4, atol=1e-6)
+      self.assertAllClose(s.square_sum, (g * g).sum(axis=0), rtol=1e-4, atol=1e-8)
+      self.assertAllEqual(s.sign_sum, np.sign(g).sum(axis=0))
+      self.assertAllEqual(s.nonzero, (g != 0).sum(axis=0))
       self.assertAllClose(sq_norms[:, layer], (g * g).sum(axis=1), rtol=1e-4, atol=1e-8)
+      kernel, bias = s.variable_totals()
+      self.assertAllClose(kernel, g[:, :-bias.size].sum(axis=0).reshape(kernel.shape),
+                          rtol=1e-4, atol=1e-6)
+
+  @parameterized.parameters('conv2d', 'embedding', 'group_norm')
+  def test_layer_statistics_of_other_layers_match_float64(self, name):
+    x, y = fixtures.zoo_batch(name, 9)
+    model = fixtures.zoo_model(name)
+    corrupt = np.arange(9) % 3 == 0
+    sums, sq_norms = coherence.layer_statistics(model, x, y, corrupt, 4)
+    per_example = reference.per_example_gradients_float64(fixtures.zoo_model(name, 'float64'),
+                                                          x, y)
+    layers = [layer for layer in model.layers if layer.trainable_weights]
+    start = 0
+    for i, (s, layer) in enumerate(zip(sums, layers)):
+      g = np.concatenate([p.reshape(9, -1) for p in
+                          per_example[start:start + len(layer.trainable_weights)]], axis=1)
+      start += len(layer.trainable_weights)
+      self.assertAllClose(s.total_sum, g.sum(axis=0), rtol=1e-4, atol=1e-5)
+      self.assertAllClose(s.corrupt_sum, g[corrupt].sum(axis=0), rtol=1e-4, atol=1e-5)
+      self.assertAllClose(s.square_sum, (g * g).sum(axis=0), rtol=1e-4, atol=1e-6)
+      self.assertAllClose(sq_norms[:, i], (g * g).sum(axis=1), rtol=1e-4, atol=1e-6)
 
   @parameterized.parameters(1, 2, 25)
   def test_m_coherence_matches_float64_and_inverse_gradient_diversity(self, size):

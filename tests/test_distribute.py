@@ -16,29 +16,14 @@ import tempfile
 import time
 
 from absl.testing import parameterized
-import numpy as np
 import tensorflow as tf
 
+from tests import fixtures
 from tests import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--hidden=32', '--batch_size=50', '--eval_every=20', '--checkpoint_every=20',
          '--eval_batch_size=500', '--noise=0.5']
-
-
-def replica_runs(replicas, cases, workdir):
-  """tests/replica_runs.py in its own process: {name: (final metrics, checkpointed arrays)}."""
-  result = subprocess.run([sys.executable, '-m', 'tests.replica_runs', str(replicas),
-                           json.dumps(cases), workdir], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
-  if result.returncode:
-    raise AssertionError(result.stderr[-3000:])
-  final_metrics = json.loads(result.stdout.strip().splitlines()[-1])
-  runs = {}
-  for name, metrics in final_metrics.items():
-    with np.load(os.path.join(workdir, name, 'weights.npz')) as arrays:
-      runs[name] = metrics, dict(arrays)
-  return runs
 
 
 def free_ports(count):
@@ -89,7 +74,7 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
     # configs, so the comparisons below are between identical sequences.
     super().setUpClass()
     cls.workdir = tempfile.mkdtemp()
-    cls.runs = {n: replica_runs(n, CASES, os.path.join(cls.workdir, str(n))) for n in (1, 2, 4)}
+    cls.runs = {n: fixtures.replica_runs(n, CASES, os.path.join(cls.workdir, str(n))) for n in (1, 2, 4)}
 
   @classmethod
   def tearDownClass(cls):
@@ -125,8 +110,8 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
     whole = self.runs[1]['winsorized_fast']
     for first, then in ((1, 2), (2, 1)):
       workdir = self.create_tempdir().full_path
-      replica_runs(first, {'run': {**overrides, 'steps': 25}}, workdir)
-      self.assert_same_run(whole, replica_runs(then, {'run': overrides}, workdir)['run'])
+      fixtures.replica_runs(first, {'run': {**overrides, 'steps': 25}}, workdir)
+      self.assert_same_run(whole, fixtures.replica_runs(then, {'run': overrides}, workdir)['run'])
 
 
 class LaunchTest(parameterized.TestCase, tf.test.TestCase):

@@ -131,12 +131,12 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
       self.assertEqual(result.returncode, 0, result.stderr)
       lines += result.stdout.strip().splitlines()
-    self.assertLen(lines, 30)
-    self.assertLen(set(lines), 30)
+    self.assertLen(lines, 40)  # 5 label-noise, 25 winsorized and 10 full-batch runs
+    self.assertLen(set(lines), 40)
     for line in lines:
       self.assertStartsWith(line, f'cd {ROOT} && ')
       self.assertIn('run.py --flagfile=flags/', line)
-      self.assertRegex(line, r'--logdir=\S+/runs/(label_noise|winsorized)/')
+      self.assertRegex(line, r'--logdir=\S+/runs/(label_noise|winsorized|full_batch)/')
     self.assertFalse(os.path.exists(os.path.join(out, 'runs')))
 
   def test_list_into_a_closed_pipe_is_quiet(self):
@@ -181,7 +181,7 @@ class PartialReportTest(tf.test.TestCase):
                           ['REPORT_full.md', 'figure4_full.png', 'figure4_full.pdf'])
     with open(os.path.join(report_dir, 'REPORT_full.md')) as f:
       text = f.read()
-    self.assertIn('6 of 60 runs are finished', text)
+    self.assertIn('6 of 80 runs are finished', text)
     self.assertIn(f'| verdict (full) | measured ({compared.full_path}) |', text)
     row = next(line for line in text.splitlines()
                if 'c = 8 keeps training accuracy at most proper (100%)' in line)
