@@ -41,8 +41,9 @@ X the fast path's ratio, for each model and c.
 With --fit it also times the model through Keras' own `fit` (plain, and
 cg_tf.keras.with_aggregator with winsorize at each --c), per step after
 compilation, as a user of `fit` pays it. With --memory it measures, in a child
-process per method, the peak resident memory that training steps add to the
-process (Linux: VmHWM after resetting it through /proc/self/clear_refs).
+process per method, the peak TensorFlow tensor memory of a training step
+beyond what the model, optimizer and data hold, by TensorFlow's counting CPU
+allocator (TF_CPU_ALLOCATOR_USE_BFC=true in the child).
 
 With --csv=PATH it also writes the rows that time a training step exactly as
 run.py runs it (sgd, fast and the other aggregators; not the comparison
@@ -314,21 +315,16 @@ def time_fit(spec, noisy, cs):
   return {name: 1000 * statistics.median(t) for name, t in timings.items()}
 
 
-def _status_kb(field):
-  with open('/proc/self/status') as f:
-    return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
-
-
 def measure_memory(row, spec, noisy):
-  """MB of peak resident memory that 20 training steps of `row` add, after tracing (Linux)."""
+  """MB of TensorFlow tensor memory that a training step of `row` needs at its peak, beyond
+  what the built model, optimizer and data hold (the child runs TensorFlow's counting CPU
+  allocator, TF_CPU_ALLOCATOR_USE_BFC)."""
   experiment = build(row, spec, noisy)
   warm_up(row, experiment)
-  time_steps(experiment, 2)
-  with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')  # resets the peak (VmHWM) to the current resident size
-  before = _status_kb('VmRSS')
+  before = tf.config.experimental.get_memory_info('CPU:0')['current']
+  tf.config.experimental.reset_memory_stats('CPU:0')
   time_steps(experiment, 20)
-  return (_status_kb('VmHWM') - before) / 1024
+  return (tf.config.experimental.get_memory_info('CPU:0')['peak'] - before) / 2**20
 
 
 def memory_rows(spec, methods):
@@ -339,7 +335,8 @@ def memory_rows(spec, methods):
         [sys.executable, os.path.abspath(__file__), f'--model={spec}',
          f'--batch_size={FLAGS.batch_size}', f'--memory_of={row}',
          *([f'--data_dir={FLAGS.data_dir}'] if FLAGS.data_dir else [])],
-        capture_output=True, text=True, check=True)
+        capture_output=True, text=True, check=True,
+        env={**os.environ, 'TF_CPU_ALLOCATOR_USE_BFC': 'true'})
     out[row] = float(result.stdout.strip().splitlines()[-1])
   return out
 
@@ -405,7 +402,7 @@ def main(argv):
     if FLAGS.memory:
       measured = [m for m in methods if m.partition(' c=')[0] in ('sgd', 'fast')] or methods
       memory = memory_rows(spec, measured)
-      print('  peak memory that 20 training steps add (MB, a child process each):')
+      print('  peak tensor memory of a step beyond the model and data (MB, a child each):')
       for method, value in memory.items():
         print(f'  {method:<22} {value:>10.1f}')
     csv_rows += [{'hidden': 'cnn' if spec == 'cnn' else spec.replace(' ', ''),

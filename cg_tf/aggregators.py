@@ -409,7 +409,10 @@ class Median(_OrderStatistics):
       if v.outer is not None:
         updates.append(tf.reshape(outer_median(*v.outer, self.backend), v.shape))
       else:
-        updates.append(v.scatter(median(v.values())))
+        # The values v are the outer products 1 * v: one row of ones.
+        flat = v.flat_values()
+        middle = outer_median(tf.ones([v.batch_size, 1]), flat, self.backend)
+        updates.append(v.scatter(tf.reshape(middle, v.values().shape[1:])))
     return _only_first_replica(updates)
 
 

@@ -459,7 +459,11 @@ class ConvRule(LayerRule):
 
 
 class ConvGradients(LayerGradients):
-  """A convolution's per-example gradients from (patches [B, P, K], errors [B, P, filters]) per call."""
+  """A convolution's per-example gradients from (patches [B, P, K], errors [B, P, filters]) per call.
+
+  The kernel's per-example values [B, K, filters] are formed once, when first
+  asked, and serve the norms and weighted sums as well as the order statistics.
+  """
 
   def __init__(self, layer, variables, pieces, batch_size):
     self.pieces, self.has_bias = pieces, layer.use_bias
@@ -475,13 +479,6 @@ class ConvGradients(LayerGradients):
           variables[1], batch_size,
           values=lambda: tf.add_n([tf.reduce_sum(d, axis=1) for _, d in pieces])))
     super().__init__(layer, grads, batch_size)
-
-  def weighted_sums(self, weights):
-    kernel = tf.add_n([tf.einsum('bpk,bpo,b->ko', p, d, weights) for p, d in self.pieces])
-    sums = [tf.reshape(kernel, self.variables[0].shape)]
-    if self.has_bias:
-      sums.append(tf.add_n([tf.einsum('bpo,b->o', d, weights) for _, d in self.pieces]))
-    return sums
 
   def alignment(self, totals, into):
     kernel = tf.reshape(totals[0], [-1, totals[0].shape[-1]])
