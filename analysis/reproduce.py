@@ -49,7 +49,9 @@ PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized', 'full_batch')
 # Not in the paper, so not run by default: coherence measured directly
 # (docs/coherence.md) and the aggregator comparison (docs/aggregators.md), on
 # 12,000 examples and, for the cheap rules, on all 60,000 (aggregators_60k).
-EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators', 'aggregators_60k')
+# The paper's Figures 1-4 on a convolutional network (run.py --model=cnn): its
+# own report, REPORT_cnn.md, beside the MLP's.
+EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators', 'aggregators_60k', 'cnn')
 flags.DEFINE_list('experiments', list(PAPER_EXPERIMENTS), 'Which experiments to run: '
                   f'some of {", ".join(EXPERIMENTS)}.')
 flags.DEFINE_list('only', [], 'Run only the runs whose name matches one of these shell '
@@ -156,6 +158,13 @@ def run_specs(scale, seeds, experiments):
                  [f'--flagfile=flags/{flagfile}{suffix}.cfg', f'--noise={n}', *seeding])
                 for n in NOISES for method, flagfile in (('gd', 'full_batch'),
                                                          ('sgd', 'full_batch_sgd'))]
+    if 'cnn' in experiments:
+      # Figure 1 is the grid's c = 0 row; at 25-75% noise it records §2.4 too.
+      specs += [(f'cnn/n{n:g}_c{c}{tag}',
+                 [f'--flagfile=flags/cnn_'
+                  f'{"decomposition" if c == 0 and n in DECOMPOSITION_NOISES else "winsorized"}'
+                  f'{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}', *seeding])
+                for n in NOISES for c in CS]
     if 'winsorized' in experiments:
       specs += [(f'winsorized/n{n:g}_c{c}{tag}',
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
@@ -277,8 +286,11 @@ def measure_step_times(out, data_dir):
   os.replace(f'{path}.tmp', path)
 
 
-def figure_name(number, scale):
-  """figureN.png at mini scale, figureN_full.png at full scale."""
+def figure_name(number, scale, family=''):
+  """figureN.png at mini scale, figureN_full.png at full scale; with family 'cnn',
+  figureN_cnn.png and figureN_cnn_mini.png."""
+  if family:
+    return f'figure{number}_{family}{"" if scale == "full" else "_mini"}.png'
   return f'figure{number}{"_full" if scale == "full" else ""}.png'
 
 
@@ -317,6 +329,23 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
     scripts.append((figure_name(4, scale), 'figure4.py',
                     finished(f'winsorized/n{n:g}_c{c}' for n in NOISES for c in CS),
                     [f'--out={report_dir}/{figure_name(4, scale)}']))
+  if 'full_batch' in experiments:
+    name = f'full_batch{"_full" if scale == "full" else ""}.png'
+    scripts.append((name, 'full_batch.py',
+                    finished(f'full_batch/{method}_noise{n:g}' for n in NOISES
+                             for method in ('gd', 'sgd')),
+                    [f'--out={report_dir}/{name}']))
+  if 'cnn' in experiments:
+    scripts.append((figure_name(1, scale, 'cnn'), 'figure1.py',
+                    finished(f'cnn/n{n:g}_c0' for n in NOISES),
+                    [f'--out={report_dir}/{figure_name(1, scale, "cnn")}']))
+    scripts.append((figure_name(2, scale, 'cnn'), 'figures_2_3.py',
+                    finished(f'cnn/n{n:g}_c0' for n in DECOMPOSITION_NOISES),
+                    [f'--out_dir={report_dir}',
+                     '--suffix=' + figure_name(2, scale, 'cnn')[len('figure2'):-len('.png')]]))
+    scripts.append((figure_name(4, scale, 'cnn'), 'figure4.py',
+                    finished(f'cnn/n{n:g}_c{c}' for n in NOISES for c in CS),
+                    [f'--out={report_dir}/{figure_name(4, scale, "cnn")}']))
   if 'coherence' in experiments:
     scripts.append(('coherence.png', 'coherence.py',
                     finished(f'coherence/noise{n:g}' for n in NOISES),
@@ -343,7 +372,7 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
                     '--runs=' + ','.join(run_dirs), *args], check=True, stdout=subprocess.DEVNULL)
     drawn.append(figure)
     if script == 'figures_2_3.py':
-      drawn.append(figure_name(3, scale))
+      drawn.append(figure.replace('figure2', 'figure3'))
   return drawn
 
 
@@ -466,6 +495,10 @@ def checks_for_seed(out, tag, experiments):
                         '2.4' if 'decomposition' in experiments else None))
   if 'winsorized' in experiments:
     winsorized_checks(check, scalars, lambda n, c: f'winsorized/n{n:g}_c{c}')
+  if 'cnn' in experiments:
+    label_noise_checks(check, scalars, examples, decomposition_record,
+                       lambda n: f'cnn/n{n:g}_c0', ('2.3', '2.4'))
+    winsorized_checks(check, scalars, lambda n, c: f'cnn/n{n:g}_c{c}')
   if 'full_batch' in experiments:
     by_method = []
     for method, name in (('gd', 'full-batch GD'), ('sgd', 'SGD')):
@@ -482,6 +515,14 @@ def checks_for_seed(out, tag, experiments):
 def machine():
   """The machine in words: OS, processor, cores."""
   return f'{platform.system()} {platform.machine()}, {os.cpu_count()} cores'
+
+
+def report_name(experiments, scale):
+  """REPORT.md (mini) or REPORT_full.md; for the CNN's experiment alone, REPORT_cnn.md (full)
+  or REPORT_cnn_mini.md."""
+  if list(experiments) == ['cnn']:
+    return 'REPORT_cnn.md' if scale == 'full' else 'REPORT_cnn_mini.md'
+  return 'REPORT_full.md' if scale == 'full' else 'REPORT.md'
 
 
 def write_report(out, seeds, experiments, scale, report_dir, figures, finished, total,
@@ -517,11 +558,12 @@ def write_report(out, seeds, experiments, scale, report_dir, figures, finished, 
     columns = (*columns[:3], ('measured', f'measured ({scale})'), ('verdict', f'verdict ({scale})'),
                ('other_measured', f'measured ({compare_name})'),
                ('other_verdict', f'verdict ({compare_name})'))
-  name = 'REPORT_full.md' if scale == 'full' else 'REPORT.md'
+  name = report_name(experiments, scale)
   seed_rule = (f' Over {seeds} seeds a claim passes only if every seed whose runs finished '
                'passes it; the measurement shown is the first finished seed\'s.'
                if seeds > 1 else '')
-  text = (f'# Coherent Gradients: claims checked ({scale} scale)\n\n'
+  network = ', on the CNN' if 'cnn' in experiments else ''
+  text = (f'# Coherent Gradients: claims checked ({scale} scale{network})\n\n'
           f'{claims.count(verdicts)}. {finished} of {total} runs are finished.{seed_rule} '
           'NOT SHOWN means the runs finished but their numbers cannot decide the claim (the '
           'reason says what was seen). Written by analysis/reproduce.py from the run '
@@ -595,9 +637,10 @@ def main(argv):
     print(f'aggregator comparison: {report_dir}/{aggregators_names(FLAGS.scale)[1]}')
   if 'aggregators_60k' in FLAGS.experiments:
     print(f'aggregator comparison on every example: {report_dir}/AGGREGATORS_60k.md')
-  if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS):
+  if set(FLAGS.experiments) & {*PAPER_EXPERIMENTS, 'cnn'}:
     print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, report_dir,
-                       [f for f in figures if f.startswith('figure')], len(specs) - len(missing),
+                       [f for f in figures if f.startswith(('figure', 'full_batch'))],
+                       len(specs) - len(missing),
                        len(specs), compare_with, FLAGS.compare_with))
   print(f'{ran} runs trained, figures and report drawn in {(time.time() - start) / 60:.1f} min')
 

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from cg_tf import decomposition
+from cg_tf import gradients
 
 GROUPS = ('whole', 'pristine', 'corrupt')
 # A parameter's per-example gradients "mostly agree in sign" when at least this
@@ -108,8 +109,8 @@ def layer_statistics(model: keras.Model, images: np.ndarray, labels: np.ndarray,
     totals = part if totals is None else [[t + p for t, p in zip(tl, pl)]
                                           for tl, pl in zip(totals, part)]
     norms.append(sq.numpy().astype(np.float64))
-  shapes = [tuple(tuple(v.shape) for v in layer.trainable_weights)
-            for layer, _ in decomposition.weighted_layers(model)]
+  shapes = [tuple(tuple(v.shape) for v in gradients.own_trainable_variables(layer))
+            for layer in gradients.layers_with_weights(model)]
   return [LayerSums(*layer, shapes=shape) for layer, shape in zip(totals, shapes)], \
       np.concatenate(norms)
 

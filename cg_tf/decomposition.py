@@ -89,9 +89,10 @@ def alignment(model: keras.Model, images: np.ndarray, labels: np.ndarray,
 
 
 def weighted_layers(model: keras.Model) -> list:
-  """The layers with weights of their own, in order, and the first of each: the kernel the
-  paper's estimator samples from (a Dense or convolution kernel)."""
-  return [(layer, layer.trainable_weights[0]) for layer in model.layers if layer.trainable_weights]
+  """[(layer, its first own variable)] of the layers with weights of their own, in order: the
+  variable is the kernel the paper's estimator samples from (a Dense or convolution kernel)."""
+  return [(layer, gradients.own_trainable_variables(layer)[0])
+          for layer in gradients.layers_with_weights(model)]
 
 
 def sample_weights(model: keras.Model, per_layer: int, seed: int) -> List[np.ndarray]:

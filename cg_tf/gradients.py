@@ -214,7 +214,7 @@ class PerExampleGradients:
   minibatch mean, g_e / B, with g_e the gradient of e's own loss.
 
   Attributes:
-    layers: [LayerGradients], in the order the layers were first called.
+    layers: [LayerGradients], in model order (layers_with_weights).
     batch_size: B.
   """
 
@@ -315,7 +315,26 @@ def _first_input(args, kwargs) -> tf.Tensor:
   return args[0] if args else kwargs['inputs']
 
 
-def _own_trainable_variables(layer) -> list:
+def layers_with_weights(model: keras.Model) -> list:
+  """The layers of `model` (nested ones too) that hold trainable variables of their own, in
+  model order (depth first, each layer's sublayers in order): the layers whose per-example
+  gradients a recording gives, in that order."""
+  ordered, seen = [], set()
+
+  def visit(layer):
+    if id(layer) in seen:
+      return
+    seen.add(id(layer))
+    if own_trainable_variables(layer):
+      ordered.append(layer)
+    for sublayer in layer._layers:  # pylint: disable=protected-access
+      visit(sublayer)
+
+  visit(model)
+  return ordered
+
+
+def own_trainable_variables(layer) -> list:
   """The trainable variables `layer` itself holds, not those of its sublayers."""
   if not layer.trainable:
     return []
@@ -698,7 +717,7 @@ def check_model(model: keras.Model) -> None:
           'batch in training, so an example has no gradient of its own; use '
           'GroupNormalization or LayerNormalization instead, or freeze it '
           '(layer.trainable = False runs it in inference mode)')
-    if getattr(layer, 'quantization_mode', None) and _own_trainable_variables(layer):
+    if getattr(layer, 'quantization_mode', None) and own_trainable_variables(layer):
       raise UserInputError(f'layer {layer.name!r} is quantized; per-example gradients need '
                            'its float weights')
 
@@ -774,8 +793,10 @@ class Recording:
         per_capture.append(errors[start:start + n])
         start += n
       batch_size = batch_size or _static_batch(per_capture)
-      layers.append(rule.gradients(layer, _own_trainable_variables(layer), captures,
+      layers.append(rule.gradients(layer, own_trainable_variables(layer), captures,
                                    per_capture, batch_size))
+    order = {id(layer): i for i, layer in enumerate(layers_with_weights(self.model))}
+    layers.sort(key=lambda layer: order.get(id(layer.layer), len(order)))
     return PerExampleGradients(layers, self.model.trainable_variables, batch_size)
 
 
@@ -803,8 +824,7 @@ def recording(model: keras.Model):
     A Recording.
   """
   check_model(model)
-  layers = [layer for layer in model._flatten_layers(include_self=True)  # pylint: disable=protected-access
-            if _own_trainable_variables(layer)]
+  layers = layers_with_weights(model)
   record = Recording(model)
   with _INSTALL_LOCK:
     originals = [(layer, layer.__dict__.get('call')) for layer in layers]

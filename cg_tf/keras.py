@@ -33,11 +33,17 @@ the replica count (the same bits on 1, 2 and 4 identical devices).
 
 Each distinct batch shape is traced once with its size known: the
 order statistics need it (the size of the last, partial batch differs).
+
+`TrainingSetRecord` is a callback that measures, for a model trained by `fit`
+on a training set with known corrupt labels, what run.py measures: when each
+example is first learned, pristine and corrupt accuracy, forgetting, and
+coherence.
 """
 
-from typing import Optional
+from typing import Dict, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from cg_tf import aggregators
@@ -233,3 +239,138 @@ def _global_batch(data, size: Optional[int]):
 def _unscaled_for_replicas(value):
   replicas = tf.distribute.get_strategy().num_replicas_in_sync
   return value if replicas == 1 else value * tf.cast(replicas, value.dtype)
+
+
+class TrainingSetRecord(keras.callbacks.Callback):
+  """run.py's per-example record and label-noise measurements, for a model trained with fit.
+
+  At step 0 (if training starts there), the authors' log-spaced steps (0-9,
+  every 10 to 90, every 100 to 900, every 1,000 to 9,000, then every 10,000),
+  every `eval_every` steps and the last step, it evaluates the model on the
+  whole training set, against its training labels, and on the test set, and:
+  - keeps each example's first-learned and learned-since steps, as run.py's
+    examples.npz has them (`examples_record()`, `save(path)`);
+  - counts each example's forgetting events between consecutive evaluations
+    (fitted at one, not at the next). run.py counts them at every minibatch
+    presentation instead (Toneva et al.), which needs the examples of each
+    batch; `fit` does not show a callback those;
+  - writes run.py's scalars to TensorBoard under `log_dir`: train/,
+    train_pristine/, train_corrupt/ (accuracy and loss against the training
+    labels), train_clean/accuracy, test/, overfit;
+  - with `coherence_every`, also m-coherence (whole, pristine, corrupt),
+    per-example coherence and GSNR over the whole training set
+    (coherence.Recorder, through the per-layer rules of gradients.py) at the
+    same kind of schedule, as `coherence/...` scalars and `coherence_record()`.
+
+  The model must output logits; the losses are softmax cross-entropies.
+
+  Args:
+    x: [n, ...] the training inputs, as the model takes them.
+    labels: int [n] the training labels (noisy).
+    clean_labels: int [n] the labels before the noise; `corrupt` is where
+      they differ.
+    test_data: (x_test [m, ...], y_test [m]).
+    noise: the share of labels that were permuted (for the §3.3 overfit).
+    log_dir: where the TensorBoard scalars go; None writes none.
+    eval_every: evaluate also every this many steps.
+    batch_size: examples per forward pass of an evaluation.
+    coherence_every: measure coherence every this many steps (0: off).
+  """
+
+  def __init__(self, x, labels, clean_labels, test_data, noise: float,
+               log_dir: Optional[str] = None, eval_every: int = 10_000, batch_size: int = 1000,
+               coherence_every: int = 0):
+    super().__init__()
+    from cg_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+    x_test, y_test = test_data
+    self.noisy = data_lib.NoisyDataset(
+        data_lib.Dataset(x, np.asarray(clean_labels, np.int32), x_test,
+                         np.asarray(y_test, np.int32)),
+        np.asarray(labels, np.int32), np.arange(len(labels)))
+    self.noise, self.eval_every, self.batch_size = noise, eval_every, batch_size
+    self.coherence_every = coherence_every
+    self.writer = tf.summary.create_file_writer(log_dir) if log_dir else None
+    num = len(labels)
+    self.first_learned_step = np.full(num, -1, np.int64)
+    self.learned_since_step = np.full(num, -1, np.int64)
+    self.forgetting_events = np.zeros(num, np.int32)
+    self._fitted = None
+    self._steps = frozenset()
+    self._coherence_steps = frozenset()
+    self._coherence = None
+    self.metrics: Dict[str, float] = {}
+
+  def on_train_begin(self, logs=None):
+    from cg_tf import schedule  # pylint: disable=g-import-not-at-top
+    start = int(self.model.optimizer.iterations.numpy())
+    total = start + self.params['epochs'] * self.params['steps']
+    self._steps = frozenset(schedule.evaluation_steps(total, self.eval_every, total))
+    self._coherence_steps = frozenset(schedule.decomposition_steps(
+        total, self.coherence_every, 10))
+    if start in self._steps or start in self._coherence_steps:
+      self._measure(start)
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = int(self.model.optimizer.iterations.numpy())
+    if step in self._steps or step in self._coherence_steps:
+      self._measure(step)
+
+  def _losses_and_predictions(self, x, labels):
+    losses, predictions = [], []
+    for start in range(0, len(labels), self.batch_size):
+      logits = self.model(x[start:start + self.batch_size], training=False)
+      losses.append(gradients.per_example_loss(labels[start:start + self.batch_size],
+                                               logits).numpy())
+      predictions.append(np.argmax(logits.numpy(), axis=-1))
+    return np.concatenate(losses), np.concatenate(predictions)
+
+  def _measure(self, step: int):
+    from cg_tf import train  # pylint: disable=g-import-not-at-top
+    noisy = self.noisy
+    if step in self._steps:
+      train_loss, train_prediction = self._losses_and_predictions(noisy.data.train_images,
+                                                                  noisy.train_labels)
+      test_loss, test_prediction = self._losses_and_predictions(noisy.data.test_images,
+                                                                noisy.data.test_labels)
+      metrics, fitted = train.label_noise_metrics(noisy, self.noise, train_loss,
+                                                  train_prediction, test_loss, test_prediction)
+      self.first_learned_step, self.learned_since_step = train.learning_times(
+          self.first_learned_step, self.learned_since_step, fitted, step)
+      if self._fitted is not None:
+        self.forgetting_events += (self._fitted & ~fitted).astype(np.int32)
+      self._fitted = fitted
+      self.metrics = {k: float(v) for k, v in metrics.items()}
+      self._write(step, self.metrics)
+    if step in self._coherence_steps:
+      if self._coherence is None:
+        from cg_tf import coherence  # pylint: disable=g-import-not-at-top
+        self._coherence = coherence.Recorder(
+            self.model, noisy.data.train_images, noisy.train_labels, noisy.corrupt,
+            self.batch_size, 0, 0, int(max(noisy.train_labels.max(),
+                                           noisy.data.train_labels.max())) + 1)
+      self._coherence.measure(step)
+      self._write(step, self._coherence.scalars())
+
+  def _write(self, step, values):
+    if self.writer is None:
+      return
+    with self.writer.as_default(step=step):
+      for name, value in values.items():
+        tf.summary.scalar(name, value)
+    self.writer.flush()
+
+  def examples_record(self) -> Dict[str, np.ndarray]:
+    """run.py's examples.npz fields: label, train_label, corrupt, first_learned_step,
+    learned_since_step, and forgetting_events counted between evaluations."""
+    return {'label': self.noisy.data.train_labels, 'train_label': self.noisy.train_labels,
+            'corrupt': self.noisy.corrupt, 'first_learned_step': self.first_learned_step,
+            'learned_since_step': self.learned_since_step,
+            'forgetting_events': self.forgetting_events}
+
+  def coherence_record(self) -> Optional[Dict[str, np.ndarray]]:
+    """coherence.npz's records (coherence.Recorder.arrays), or None if not measured."""
+    return None if self._coherence is None else self._coherence.arrays()
+
+  def save(self, path: str) -> None:
+    """Writes examples_record() as a compressed .npz."""
+    np.savez_compressed(path, **self.examples_record())

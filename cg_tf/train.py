@@ -293,27 +293,13 @@ class Experiment:
     train_loss, train_prediction, train_active = self.predict(clean.train_images,
                                                               noisy.train_labels)
     test_loss, test_prediction, _ = self.predict(clean.test_images, clean.test_labels)
-    fitted = train_prediction == noisy.train_labels
-    corrupt = noisy.corrupt
-    metrics = {'train/loss': train_loss.mean(), 'train/accuracy': fitted.mean(),
-               'train_clean/accuracy': (train_prediction == clean.train_labels).mean(),
-               'test/loss': test_loss.mean(),
-               'test/accuracy': (test_prediction == clean.test_labels).mean()}
-    for split, mask in (('train_pristine', ~corrupt), ('train_corrupt', corrupt)):
-      if mask.any():
-        metrics[f'{split}/loss'] = train_loss[mask].mean()
-        metrics[f'{split}/accuracy'] = fitted[mask].mean()
+    metrics, fitted = label_noise_metrics(noisy, self.config.noise, train_loss,
+                                          train_prediction, test_loss, test_prediction)
     for layer, active in zip(self.hidden_layers, train_active):
       metrics[f'dead_units/{layer.name}'] = 1.0 - active.mean()
     metrics.update(self.aggregator.evaluation_metrics(self.noisy.num_train, self.batch_size, step))
-    noise = self.config.noise
-    metrics['overfit'] = metrics['train/accuracy'] - (
-        noise * 0.1 + (1 - noise) * metrics['test/accuracy'])
-    first = self.first_learned_step.numpy()
-    first[(first < 0) & fitted] = step
-    since = self.learned_since_step.numpy()
-    since[~fitted] = -1
-    since[(since < 0) & fitted] = step
+    first, since = learning_times(self.first_learned_step.numpy(),
+                                  self.learned_since_step.numpy(), fitted, step)
     self.first_learned_step.assign(first)
     self.learned_since_step.assign(since)
     return {k: float(v) for k, v in metrics.items()}
@@ -325,6 +311,57 @@ class Experiment:
             'first_learned_step': self.first_learned_step.numpy(),
             'learned_since_step': self.learned_since_step.numpy(),
             **{name: v.numpy() for name, v in (self.forgetting or {}).items()}}
+
+
+def label_noise_metrics(noisy: data_lib.NoisyDataset, noise: float, train_loss: np.ndarray,
+                        train_prediction: np.ndarray, test_loss: np.ndarray,
+                        test_prediction: np.ndarray):
+  """The label-noise experiment's metrics of a model from its per-example losses and predictions.
+
+  Args:
+    noisy: the training set (its training and clean labels, corrupt mask) and test set.
+    noise: the share of labels permuted (the setting, which the overfit's proper accuracy uses).
+    train_loss, train_prediction: [n_train] against the training labels.
+    test_loss, test_prediction: [n_test].
+
+  Returns:
+    ({'split/name': value} for the noisy training set, its pristine and corrupt
+    parts (against their training labels), the training set against its clean
+    labels, the test set and the §3.3 overfit; bool [n_train] which training
+    examples the model fits).
+  """
+  clean = noisy.data
+  fitted = train_prediction == noisy.train_labels
+  corrupt = noisy.corrupt
+  metrics = {'train/loss': train_loss.mean(), 'train/accuracy': fitted.mean(),
+             'train_clean/accuracy': (train_prediction == clean.train_labels).mean(),
+             'test/loss': test_loss.mean(),
+             'test/accuracy': (test_prediction == clean.test_labels).mean()}
+  for split, mask in (('train_pristine', ~corrupt), ('train_corrupt', corrupt)):
+    if mask.any():
+      metrics[f'{split}/loss'] = train_loss[mask].mean()
+      metrics[f'{split}/accuracy'] = fitted[mask].mean()
+  metrics['overfit'] = metrics['train/accuracy'] - (
+      noise * 0.1 + (1 - noise) * metrics['test/accuracy'])
+  return metrics, fitted
+
+
+def learning_times(first: np.ndarray, since: np.ndarray, fitted: np.ndarray, step: int):
+  """The per-example learning record after an evaluation at `step`.
+
+  Args:
+    first: int64 [n] the first evaluated step at which each example was fitted (-1: never).
+    since: int64 [n] the step since which it has been fitted without a break (-1: not now).
+    fitted: bool [n] whether the model fits it now.
+
+  Returns:
+    (first, since), updated copies.
+  """
+  first, since = first.copy(), since.copy()
+  first[(first < 0) & fitted] = step
+  since[~fitted] = -1
+  since[(since < 0) & fitted] = step
+  return first, since
 
 
 def _hparams(config: Config) -> Dict[str, object]:

@@ -215,3 +215,73 @@ class ExampleTest(tf.test.TestCase):
     self.assertRegex(lines[-3], r'^train accuracy on the training labels: 0\.\d{4}$')
     self.assertRegex(lines[-2], r'^corrupt labels fitted: 0\.\d{4} of \d+$')
     self.assertGreater(float(lines[-1].split(': ')[1]), 0.25)  # test accuracy; chance is 0.1
+
+
+def run_py_batches(num_train, batch_size, steps, seed):
+  """The minibatches run.py draws: epoch k's order is argsort(stateless_uniform([n], [seed, k]))."""
+  per_epoch = num_train // batch_size
+  order = []
+  for epoch in range(-(-steps // per_epoch)):
+    uniform = tf.random.stateless_uniform([num_train], seed=tf.constant([seed, epoch], tf.int64))
+    permutation = tf.argsort(uniform, stable=True).numpy()
+    order += [permutation[i * batch_size:(i + 1) * batch_size] for i in range(per_epoch)]
+  return order[:steps]
+
+
+class TrainingSetRecordTest(tf.test.TestCase):
+  """The callbacks' record through fit against run.py's, on the same model, data and batches."""
+
+  def test_fit_with_the_callback_records_what_run_py_records(self):
+    from cg_tf import data
+    from cg_tf import model as model_lib
+    from cg_tf import train
+    from cg_tf import workdir
+    from tests import test_train
+    dataset = test_train.separable_dataset(num_train=100)
+    config = test_train.tiny_config(noise=0.5, steps=60, eval_every=20, checkpoint_every=20,
+                                    learning_rate=0.5)
+    run_dir = self.create_tempdir().full_path
+    metrics = train.train_and_evaluate(config, run_dir, dataset)
+    expected = workdir.read_examples(run_dir)
+
+    noisy = data.make_noisy(dataset, 0, config.noise, config.noise_seed)
+    keras.utils.set_random_seed(config.seed)
+    network = model_lib.build('mlp', 12, config.hidden, 10, config.init, config.seed)
+    model = compiled(network, aggregators.get('mean'), keras.optimizers.SGD(config.learning_rate))
+    batches = run_py_batches(noisy.num_train, config.batch_size, config.steps, config.seed)
+    x = noisy.data.train_images[np.concatenate(batches)]
+    y = noisy.train_labels[np.concatenate(batches)]
+    record = cg_tf.keras.TrainingSetRecord(
+        noisy.data.train_images, noisy.train_labels, noisy.data.train_labels,
+        (noisy.data.test_images, noisy.data.test_labels), config.noise,
+        log_dir=self.create_tempdir().full_path, eval_every=config.eval_every,
+        batch_size=config.eval_batch_size)
+    model.fit(x, y, batch_size=config.batch_size, epochs=1, shuffle=False, callbacks=[record],
+              verbose=0)
+    got = record.examples_record()
+    for key in ('label', 'train_label', 'corrupt', 'first_learned_step', 'learned_since_step'):
+      self.assertAllEqual(got[key], expected[key], msg=key)
+    self.assertGreater((got['first_learned_step'] > 0).sum(), 50)
+    for key in ('train/accuracy', 'train_pristine/accuracy', 'train_corrupt/accuracy',
+                'test/accuracy', 'overfit'):
+      self.assertEqual(record.metrics[key], metrics[key], msg=key)
+    self.assertAllClose(record.metrics['train/loss'], metrics['train/loss'], rtol=1e-6)
+
+  def test_coherence_of_a_cnn_through_fit(self):
+    from cg_tf import coherence
+    x, y = fixtures.zoo_batch('conv2d', 40)
+    clean = y.copy()
+    clean[:10] = (clean[:10] + 1) % 3
+    model = compiled(fixtures.zoo_model('conv2d'), aggregators.get('winsorize', c=10),
+                     keras.optimizers.SGD(0.05))
+    record = cg_tf.keras.TrainingSetRecord(x, y, clean, (x[:10], y[:10]), 0.25,
+                                           eval_every=4, batch_size=16, coherence_every=4)
+    model.fit(x, y, batch_size=10, epochs=2, shuffle=False, callbacks=[record], verbose=0)
+    arrays = record.coherence_record()
+    self.assertAllEqual(arrays['step'], range(9))  # the dense steps 0-10, up to the last step
+    self.assertEqual(arrays['m_coherence'].shape, (9, 3, 4))  # 3 layers with weights, and all
+    # The same measurement, made directly on the trained model, gives the last record.
+    direct = coherence.Recorder(model, x, y, clean != y, 16, 0, 0, 3)
+    direct.measure(8)
+    self.assertAllClose(direct.arrays()['m_coherence'][0], arrays['m_coherence'][-1], rtol=1e-6)
+    self.assertTrue(np.isfinite(arrays['m_coherence'][:, 0]).all())
