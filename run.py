@@ -115,9 +115,19 @@ def main(argv):
       workdir.prepare(FLAGS.logdir, config)
       run_dir.enter_context(workdir.exclusive(FLAGS.logdir))
       own_flags = FLAGS.get_key_flags_for_module(sys.modules[__name__])
-      workdir.write_atomic(os.path.join(FLAGS.logdir, 'flags.txt'),
-                           ''.join(f.serialize() + '\n' for f in own_flags).encode())
+      path = os.path.join(FLAGS.logdir, workdir.FLAGS_FILE)
+      text = ''.join(f.serialize() + '\n' for f in own_flags).encode()
+      if not os.path.exists(path) or workdir.read_bytes(path) != text:
+        workdir.write_atomic(path, text)
 
+    problem = workdir.damaged_record(FLAGS.logdir) if os.path.isdir(FLAGS.logdir) else None
+    if problem:
+      fail(problem)
+    if workdir.finished_run(FLAGS.logdir, config):
+      # Nothing is written into a finished run.
+      print(f'run.py: the run in --logdir={FLAGS.logdir} is already complete '
+            f'({workdir.FINAL_METRICS_FILE}); nothing to do', file=sys.stderr)
+      return
     with run_dir:
       # Only the chief of several workers takes the run directory; which task
       # is the chief is known once the strategy exists.

@@ -199,3 +199,36 @@ def outer_middles(activations: tf.Tensor, deltas: tf.Tensor) -> Tuple[tf.Tensor,
     RuntimeError: the kernel is not available (unavailable_reason() says why).
   """
   return tuple(_library().cg_tf_outer_middles(activations, deltas))
+
+
+def main(argv) -> int:
+  """`python -m cg_tf.cpu_kernel build`: compiles the kernel now, for machine images and CI.
+
+  Prints where the library went (or that it is already built there) and
+  returns 0; without a compiler, or when the compiler fails, prints the
+  compiler's message and returns 1.
+  """
+  if argv[1:] != ['build']:
+    print('usage: python -m cg_tf.cpu_kernel build', file=sys.stderr)
+    return 2
+  compiler = _compiler()
+  if compiler is None:
+    print(f'cg_tf.cpu_kernel: no C++ compiler: {os.environ.get("CXX") or "g++"} is not on the '
+          'PATH (install g++, or set CXX)', file=sys.stderr)
+    return 1
+  path = _library_path(compiler)
+  if os.path.exists(path):
+    print(f'cg_tf.cpu_kernel: already built: {path}')
+    return 0
+  start = time.time()
+  try:
+    _build(compiler, path)
+  except (RuntimeError, OSError) as e:
+    print(f'cg_tf.cpu_kernel: {e}', file=sys.stderr)
+    return 1
+  print(f'cg_tf.cpu_kernel: built {path} with {compiler} in {time.time() - start:.0f} s')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

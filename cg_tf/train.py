@@ -25,6 +25,7 @@ state. The data and the label noise depend on `config.noise_seed` (data.py).
 import dataclasses
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -369,6 +370,62 @@ def _hparams(config: Config) -> Dict[str, object]:
           for k, v in dataclasses.asdict(config).items()}
 
 
+# The HParams tab's metrics: a run's last value of each of these tags.
+HPARAMS_METRICS = (('test/accuracy', 'final test accuracy'), ('overfit', 'final overfit (§3.3)'),
+                   ('train_corrupt/accuracy', 'corrupt labels fitted'),
+                   ('train/accuracy', 'final train accuracy'))
+
+
+def scalars_layout(config: Config):
+  """TensorBoard's Custom Scalars layout of a run: one chart per panel of the paper.
+
+  Figure 1's training, pristine, corrupt and test accuracy together (and the
+  losses); Figure 4's ta, va and overfit; §2.4's f^p and f^c when measured,
+  with their null worlds; m-coherence when measured; the hidden layers' dead
+  units.
+  """
+  from tensorboard.plugins.custom_scalar import layout_pb2  # pylint: disable=g-import-not-at-top
+
+  def chart(title, *tags):
+    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+
+  categories = [
+      layout_pb2.Category(title='Figure 1: label noise (§2.3)', chart=[
+          chart('accuracy: train, pristine, corrupt (training labels), test',
+                r'^train/accuracy$', r'^train_pristine/accuracy$', r'^train_corrupt/accuracy$',
+                r'^test/accuracy$'),
+          chart('loss: train, pristine, corrupt, test', r'^train/loss$',
+                r'^train_pristine/loss$', r'^train_corrupt/loss$', r'^test/loss$')]),
+      layout_pb2.Category(title='Figure 4: ta, va and overfit (§3.3)', chart=[
+          chart('ta (train accuracy), va (test accuracy), overfit', r'^train/accuracy$',
+                r'^test/accuracy$', r'^overfit$')])]
+  if config.decomp_every:
+    categories.append(layout_pb2.Category(title='Figures 2-3: f^p and f^c (§2.4)', chart=[
+        chart('f^p and f^c, exact', r'^decomposition/f_(pristine|corrupt)$'),
+        chart('f^p and f^c in the null worlds', r'^decomposition_null\d+/f_(pristine|corrupt)$'),
+        chart('i^p and i^c (first steps)', r'^decomposition/i_(pristine|corrupt)$')]))
+  if config.coherence_every:
+    categories.append(layout_pb2.Category(title='Coherence', chart=[
+        chart('m-coherence: whole, pristine, corrupt', r'^coherence/m_coherence(_\w+)?$')]))
+  categories.append(layout_pb2.Category(title='Dead units', chart=[
+      chart('share of units no training image activates', r'^dead_units/')]))
+  return layout_pb2.Layout(category=categories)
+
+
+def write_dashboards(config: Config) -> None:
+  """Writes, into the default summary writer, the run's hparams (with HPARAMS_METRICS as the
+  HParams tab's metrics) and its Custom Scalars layout (scalars_layout)."""
+  from tensorboard.plugins.custom_scalar import summary as custom_scalars  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=g-import-not-at-top
+  hparams = _hparams(config)
+  hparams_api.hparams_config(hparams=[hparams_api.HParam(name) for name in hparams],
+                             metrics=[hparams_api.Metric(tag, display_name=name)
+                                      for tag, name in HPARAMS_METRICS])
+  hparams_api.hparams(hparams)
+  tf.summary.experimental.write_raw_pb(custom_scalars.pb(scalars_layout(config)).SerializeToString(),
+                                       step=0)
+
+
 def train_and_evaluate(config: Config, workdir: str,
                        dataset: Optional[data_lib.Dataset] = None,
                        strategy: Optional[tf.distribute.Strategy] = None) -> Dict[str, float]:
@@ -422,6 +479,55 @@ class Action:
   run: Callable[[int], None]
 
 
+def _checkpoint_number(path: str) -> int:
+  match = re.search(r'ckpt-(\d+)', os.path.basename(path))
+  return int(match.group(1)) if match else -1
+
+
+def restore_newest_readable(checkpoint: tf.train.Checkpoint, directory: str) -> Optional[str]:
+  """Restores the newest checkpoint in `directory` that reads back whole; returns its path.
+
+  A checkpoint whose files are truncated, overwritten or missing (a power
+  cut, a full disk, a partial copy) is skipped with one log line naming it,
+  and the one before is tried: the run then redoes the steps since, with the
+  same numbers, as after a kill.
+
+  Returns:
+    The path restored, or None if `directory` holds no checkpoint.
+
+  Raises:
+    UserInputError: there are checkpoints, and none can be read.
+  """
+  stems = {re.sub(r'\.(index|data-\d+-of-\d+)$', '', p)
+           for p in tf.io.gfile.glob(os.path.join(directory, 'ckpt-*'))}
+  paths = sorted((p for p in stems if re.fullmatch(r'ckpt-\d+', os.path.basename(p))),
+                 key=_checkpoint_number, reverse=True)
+  for path in paths:
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+      return path
+    except (tf.errors.OpError, ValueError, IndexError, AssertionError) as e:
+      log.warning('checkpoint %s cannot be read (%s); trying the one before', path,
+                  failure_reason(e))
+  if paths:
+    raise UserInputError(
+        f'no checkpoint in {directory} can be read ({", ".join(map(os.path.basename, paths))}); '
+        f'restore them from a copy, or move {directory} aside to start the run over')
+  return None
+
+
+def failure_reason(error: Exception) -> str:
+  """What an OSError or TensorFlow error says went wrong, in a few words, without TensorFlow's
+  internals (function names, devices, op names); the whole message goes to the debug log."""
+  log.debug('full error: %s', error)
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  message = getattr(error, 'message', None) or str(error) or type(error).__name__
+  message = re.sub(r'\{\{[^}]*\}\}', '', message)
+  message = re.sub(r'\s*\[Op:[^\]]*\]', '', message).strip()
+  return message.split('; ')[-1].splitlines()[0].strip() or type(error).__name__
+
+
 class RunFiles:
   """The run directory as the loop writes it: checkpoints, summaries, records.
 
@@ -448,12 +554,12 @@ class RunFiles:
     try:
       action()
     except (OSError, tf.errors.OpError) as e:
-      reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or str(e)
+      reason = failure_reason(e)
       for leftover in (tf.io.gfile.glob(os.path.join(self.workdir, '*.tmp*')) +
                        tf.io.gfile.glob(os.path.join(self.workdir, 'checkpoints', '*_temp*'))):
         (tf.io.gfile.rmtree if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove)(leftover)
       raise WriteFailed(
-          f'could not write {path} at step {self.experiment.step} ({reason.splitlines()[0]}). '
+          f'could not write {path} at step {self.experiment.step} ({reason}). '
           f'The last good checkpoint is {self.last_checkpoint() or "none"}; free space or '
           'restore access, then rerun the same command to resume from it') from None
 
@@ -543,6 +649,9 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
   chief = distribute.is_chief(strategy)
   if chief:
     workdir_lib.prepare(workdir, config)
+  if workdir_lib.finished_run(workdir, config):
+    log.info('run in %s already complete: nothing to do', workdir)
+    return workdir_lib.read_final_metrics(workdir)
   if dataset is None:
     dataset = data_lib.load(config.dataset, config.data_dir)
   noisy = data_lib.make_noisy(dataset, config.train_size, config.noise, config.noise_seed)
@@ -551,10 +660,9 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
     tf.config.experimental.enable_op_determinism()
   experiment = Experiment(config, noisy, strategy)
   # Every worker resumes from the chief's checkpoints.
-  latest = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
-  if latest:
-    experiment.checkpoint().restore(latest).assert_existing_objects_matched()
-    log.info('resuming at step %d from %s', experiment.step, latest)
+  restored = restore_newest_readable(experiment.checkpoint(), os.path.join(workdir, 'checkpoints'))
+  if restored:
+    log.info('resuming at step %d from %s', experiment.step, restored)
   files = RunFiles(workdir, experiment, strategy)
   evaluation = Evaluation(experiment, files, config)
   # Every worker stops at the same steps, so their compiled calls line up;
@@ -592,22 +700,44 @@ def _train_and_evaluate(config, workdir, dataset, strategy, stop):
                 experiment.aggregator.backend])
 
   if experiment.step == 0:
-    from tensorboard.plugins.hparams import api as hparams_api  # pylint: disable=g-import-not-at-top
     with files.writer.as_default():
-      hparams_api.hparams(_hparams(config))
+      write_dashboards(config)
     for action in actions:
       if 0 in action.steps:
         action.run(0)
   _walk(experiment, actions, evaluation, files, stop)
   metrics = evaluation.metrics
-  if not metrics:
-    log.info('run in %s already complete at step %d', workdir, experiment.step)
+  if not metrics:  # killed after the last checkpoint, before final_metrics.json
     metrics = experiment.evaluate()
   files.writer.close()
   if chief:
     files.write(os.path.join(workdir, workdir_lib.FINAL_METRICS_FILE),
                 lambda: workdir_lib.save_final_metrics(workdir, experiment.step, metrics))
   return metrics
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@tf.function
+def _count_over_workers(strategy: tf.distribute.Strategy, counts: tf.Tensor) -> tf.Tensor:
+  return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: counts), axis=None)
+
+
+def agreed_stop(signum: Optional[int], strategy: tf.distribute.Strategy) -> Optional[int]:
+  """The stop signal some worker has received, the same on every worker, or None.
+
+  Cloud preemption often stops one machine of several: under
+  MultiWorkerMirroredStrategy the workers agree at each call of the
+  compiled loop (a sum over workers of which signals each has seen), so that
+  all of them save and stop together, SIGTERM before SIGINT. One process
+  needs no agreement.
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return signum
+  counts = tf.constant([int(signum == s) for s in _STOP_SIGNALS], tf.int32)
+  seen = _count_over_workers(strategy, counts).numpy()
+  return next((s for s, n in zip(_STOP_SIGNALS, seen) if n > 0), None)
 
 
 def _walk(experiment: Experiment, actions, evaluation: Evaluation, files: RunFiles,
@@ -622,13 +752,15 @@ def _walk(experiment: Experiment, actions, evaluation: Evaluation, files: RunFil
     while experiment.step < target:  # .step waits for the device
       # Stop only before a call: a target reached has its actions run first, so
       # the checkpoint never skips an evaluation the resumed run would not redo.
-      if stop.signum is not None:
+      signum = agreed_stop(stop.signum, experiment.strategy)
+      if signum is not None:
         stopped_at = experiment.step
         files.save_checkpoint(stopped_at)
         files.flush()
+        saved = os.path.join(files.workdir, 'checkpoints', f'ckpt-{stopped_at}')
         raise RunInterrupted(
-            f'stopped by {signal.Signals(stop.signum).name} at step {stopped_at}; saved '
-            f'{files.last_checkpoint()}. Rerun the same command to resume', stop.signum)
+            f'stopped by {signal.Signals(signum).name} at step {stopped_at}; saved {saved}. '
+            'Rerun the same command to resume', signum)
       experiment.train_steps(tf.constant(min(STEPS_PER_CALL, target - experiment.step),
                                          tf.int64))
     evaluation.steps_per_second = (target - step) / (time.perf_counter() - start)

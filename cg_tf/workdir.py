@@ -30,6 +30,22 @@ COHERENCE_FILE = 'coherence.npz'
 FINAL_METRICS_FILE = 'final_metrics.json'
 # Held by the one process that writes the run: {"host": ..., "pid": ...}.
 LOCK_FILE = 'lock.json'
+# run.py's flags, one --name=value a line, for reading by people.
+FLAGS_FILE = 'flags.txt'
+# What each record file is, and the way out when it is damaged.
+_RECORDS = {
+    CONFIG_FILE: "it holds the run's settings: restore it from a copy, or start the run over "
+                 'in a new --logdir',
+    FINAL_METRICS_FILE: 'delete it and rerun the same command: the run writes it again from its '
+                        'last checkpoint',
+    EXAMPLES_FILE: 'delete it and rerun the same command: the run writes it again at its next '
+                   'evaluation, from its last checkpoint',
+    DECOMPOSITION_FILE: 'restore it from a copy; deleting it loses the measurements made so far '
+                        '(a new --logdir makes them again from step 0)',
+    COHERENCE_FILE: 'restore it from a copy; deleting it loses the measurements made so far '
+                    '(a new --logdir makes them again from step 0)',
+    FLAGS_FILE: 'delete it: the next run of the same command writes it again',
+}
 
 log = logging.getLogger('cg_tf')
 # Fields that may differ when a run is resumed: they do not change its numbers
@@ -60,13 +76,27 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def prepare(workdir: str, config: Config) -> None:
+def prepare(workdir: str, config: Config) -> bool:
   """Creates `workdir`, or checks that the run already in it has the same config.
 
+  A finished run of the same config is left as it is: nothing is written.
+
+  Returns:
+    True if the directory holds that run, finished.
+
   Raises:
-    UserInputError: the directory is not writable, or holds a different run.
+    UserInputError: the directory is not writable, holds a different run, or
+      a record file of the run is damaged (damaged_record).
   """
   fs = files(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = config.to_json().encode()
+  if fs.exists(workdir):
+    problem = damaged_record(workdir)
+    if problem:
+      raise UserInputError(problem)
+    if finished_run(workdir, config):
+      return True
   try:
     fs.makedirs(workdir)
     probe = os.path.join(workdir, '.write_test')
@@ -77,10 +107,12 @@ def prepare(workdir: str, config: Config) -> None:
     reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or type(e).__name__
     raise UserInputError(f'--logdir={workdir} is not writable ({reason}); choose '
                          'another --logdir') from None
-  path = os.path.join(workdir, CONFIG_FILE)
   if fs.exists(path):
+    written = read_bytes(path)
+    if written == text:
+      return False
     # A setting added after the run started has its default there.
-    previous = {**json.loads(Config().to_json()), **json.loads(read_bytes(path))}
+    previous = {**json.loads(Config().to_json()), **json.loads(written)}
     current = dataclasses.asdict(config)
     changed = sorted(k for k in current
                      if k not in RESUMABLE_CHANGES and json.loads(json.dumps(current[k]))
@@ -89,7 +121,66 @@ def prepare(workdir: str, config: Config) -> None:
       detail = ', '.join(f'{k}={previous.get(k)!r} there vs {current[k]!r} now' for k in changed)
       raise UserInputError(f'--logdir={workdir} holds a run with other settings ({detail}); '
                            'use a new --logdir to start a new run')
-  write_atomic(path, config.to_json().encode())
+  write_atomic(path, text)
+  return False
+
+
+def finished_run(workdir: str, config: Config) -> bool:
+  """True if `workdir` holds the run of exactly `config`, finished (reads only)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    return read_bytes(path) == config.to_json().encode() and is_finished(workdir)
+  except files(path).errors:
+    return False
+
+
+def read_final_metrics(workdir: str) -> Dict[str, float]:
+  """The metrics of final_metrics.json."""
+  return json.loads(read_bytes(os.path.join(workdir, FINAL_METRICS_FILE)))['metrics']
+
+
+def _check_json(payload: bytes, required) -> None:
+  value = json.loads(payload)
+  if not isinstance(value, dict) or not set(required) <= set(value):
+    raise ValueError(f'it lacks {", ".join(sorted(set(required) - set(value or {})))}'
+                     if isinstance(value, dict) else 'it is not a JSON object')
+
+
+def _check_npz(payload: bytes) -> None:
+  with np.load(io.BytesIO(payload)) as record:
+    for key in record.files:
+      record[key]  # pylint: disable=pointless-statement  (reads and checks every array)
+
+
+def _check_flags(payload: bytes) -> None:
+  for line in payload.decode('utf-8').splitlines():
+    if line and not line.startswith('--'):
+      raise ValueError(f'the line {line[:40]!r} is not a --flag')
+
+
+def damaged_record(workdir: str) -> Optional[str]:
+  """What is wrong with the first damaged record file of a run directory, in one line, or None.
+
+  Each of config.json, final_metrics.json, examples.npz, decomposition.npz,
+  coherence.npz and flags.txt that exists must read back whole (a truncated
+  copy, or other bytes, does not); the line names the file, what is wrong and
+  the way out.
+  """
+  checks = {CONFIG_FILE: lambda b: _check_json(b, ('steps',)),
+            FINAL_METRICS_FILE: lambda b: _check_json(b, ('step', 'metrics')),
+            EXAMPLES_FILE: _check_npz, DECOMPOSITION_FILE: _check_npz, COHERENCE_FILE: _check_npz,
+            FLAGS_FILE: _check_flags}
+  for name, check in checks.items():
+    path = os.path.join(workdir, name)
+    fs = files(path)
+    if not fs.exists(path):
+      continue
+    try:
+      check(read_bytes(path))
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read back is damage)
+      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+      return f'{path} is damaged ({reason}); {_RECORDS[name]}'
+  return None
 
 
 def _lock_holder(path: str) -> Optional[Dict[str, object]]:
@@ -240,6 +331,9 @@ def run_directories(patterns, problem: Callable[[str], Optional[str]] = not_fini
     for run_dir in matches:
       if not files(run_dir).exists(os.path.join(run_dir, CONFIG_FILE)):
         raise UserInputError(f'--runs: {run_dir} is not a run directory (no {CONFIG_FILE})')
+      damage = damaged_record(run_dir)
+      if damage:
+        raise UserInputError(f'--runs: {damage}')
       try:
         read_config(run_dir)
       except UserInputError as e:

@@ -1,6 +1,8 @@
-"""What several test modules share: finished runs with planted numbers, and a zoo of small
-models, one per layer type of gradients.RULES and one for its vectorized_map fallback."""
+"""What several test modules share, in one place: tiny datasets, configs and MNIST files;
+finished runs with planted numbers; running scripts; and a zoo of small models, one per layer
+type of gradients.RULES and one for its vectorized_map fallback."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -11,6 +13,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cg_tf import data
+from cg_tf import model as model_lib
+from cg_tf import train
 from cg_tf import workdir
 from cg_tf.config import Config
 
@@ -179,3 +184,121 @@ def zoo_batch(name: str, batch: int, seed: int = 0):
   if batch > 2:
     x[-1], y[-1] = x[0], y[0]
   return x, y
+
+
+# ----------------------------------------------------------------------------
+# Data, configs, runs and scripts.
+
+
+def separable_dataset(num_train=200, num_test=100, dims=12, seed=0):
+  """Ten Gaussian clusters, far apart: learnable to 100% by a small MLP."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(0, 3, (10, dims))
+
+  def draw(n):
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    return (centres[labels] + rng.normal(0, 0.5, (n, dims))).astype(np.float32), labels
+
+  return data.Dataset(*draw(num_train), *draw(num_test))
+
+
+def tiny_config(**overrides):
+  settings = dict(hidden=(16,), batch_size=20, steps=20, eval_every=10, checkpoint_every=10,
+                  learning_rate=0.1, eval_batch_size=64)
+  settings.update(overrides)
+  return Config(**settings)
+
+
+def final_weights(config, dataset, workdir):
+  train.train_and_evaluate(config, workdir, dataset)
+  restored = train.Experiment(config, data.make_noisy(dataset, config.train_size, config.noise,
+                                                       config.noise_seed))
+  tf.train.Checkpoint(model=restored.model).read(
+      tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))).expect_partial()
+  return [v.numpy() for v in restored.model.trainable_variables]
+
+
+def write_idx(path, array):
+  """Writes an IDX file the way the format's definition says (the test's own writer)."""
+  codes = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
+  header = bytes([0, 0, codes[array.dtype.type], array.ndim])
+  header += b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+  payload = header + array.astype(array.dtype.newbyteorder('>')).tobytes()
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'wb') as f:
+    f.write(payload)
+
+
+def write_fake_mnist(directory, num_train=200, num_test=50, seed=0, gz=True):
+  """Four IDX files of random 28x28 'digits' whose class shows in their brightness."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for prefix, n in (('train', num_train), ('t10k', num_test)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    images[np.arange(n), labels, :] = 255  # one bright row per class: learnable
+    suffix = '.gz' if gz else ''
+    write_idx(os.path.join(directory, f'{prefix}-images-idx3-ubyte{suffix}'), images)
+    write_idx(os.path.join(directory, f'{prefix}-labels-idx1-ubyte{suffix}'), labels)
+  return directory
+
+
+def fake_mnist_dir(name, num_train, num_test=100):
+  """write_fake_mnist into a directory of this test process's own, named `name`."""
+  return write_fake_mnist(
+      os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_{name}_{os.getpid()}'),
+      num_train=num_train, num_test=num_test)
+
+
+def run_script(name, *args):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', name), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def add_unknown_setting(run_dir):
+  """Makes run_dir's config.json look written by a later cg_tf, with a setting this one lacks."""
+  path = os.path.join(run_dir, workdir.CONFIG_FILE)
+  with open(path) as f:
+    settings = json.load(f)
+  with open(path, 'w') as f:
+    json.dump({**settings, 'future_setting': 1}, f)
+
+
+def row_for(table, prefix):
+  return next(line for line in table.splitlines() if line.startswith(prefix))
+
+
+def random_model(hidden, seed, num_inputs=6, num_classes=4):
+  model = model_lib.build_mlp(num_inputs, hidden, num_classes, 'paper', seed)
+  rng = np.random.default_rng(seed)
+  for v in model.trainable_variables:  # nonzero biases exercise their gradients
+    v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
+  return model
+
+
+def batch(seed, size, num_inputs=6, num_classes=4):
+  rng = np.random.default_rng(seed + 100)
+  return (tf.constant(rng.normal(size=(size, num_inputs)), tf.float32),
+          tf.constant(rng.integers(0, num_classes, size), tf.int32))
+
+
+def layer_factors(kind, batch, fan_in, fan_out, seed):
+  """A Dense layer's inputs a [batch, fan_in] (>= 0) and errors d [batch, fan_out], float32."""
+  rng = np.random.default_rng(seed)
+  a = np.maximum(rng.normal(size=(batch, fan_in)), 0)
+  a[rng.random(a.shape) < 0.5] = 0  # blank pixels, inactive ReLUs
+  d = rng.normal(size=(batch, fan_out)) / 100
+  if kind == 'ties':  # few distinct values: ties at every rank
+    a, d = np.round(a * 2) / 2, np.round(d * 300) / 300
+  elif kind == 'sparse_errors':  # inactive units pass back exact zeros
+    d[rng.random(d.shape) < 0.6] = 0
+  elif kind == 'blank_rows':  # inputs that no example sets, and one that all do
+    a[:, ::3] = 0
+    a[:, 1] = 1.0
+  elif kind == 'one_class':  # every example the same, as a batch of one class can be
+    a[:], d[:] = a[0], d[0]
+  elif kind == 'negative_inputs':  # inputs of either sign (e.g. normalised pixels)
+    a = rng.normal(size=(batch, fan_in))
+  return a.astype(np.float32), d.astype(np.float32)

@@ -28,7 +28,7 @@ import tensorflow as tf
 from cg_tf import distribute
 from cg_tf import train
 from cg_tf.config import Config
-from tests.test_train import separable_dataset
+from tests import fixtures
 
 SETTINGS = dict(hidden=(16, 8), batch_size=100, steps=50, eval_every=25, checkpoint_every=25,
                 learning_rate=0.1, eval_batch_size=64, noise=0.5)
@@ -69,7 +69,7 @@ def main():
       final_metrics[name] = fit(strategy, overrides['fit'], run_dir)
       continue
     config = Config(**{**SETTINGS, **overrides})
-    final_metrics[name] = train.train_and_evaluate(config, run_dir, separable_dataset(),
+    final_metrics[name] = train.train_and_evaluate(config, run_dir, fixtures.separable_dataset(),
                                                    strategy)
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(run_dir,
                                                                               'checkpoints')))

@@ -17,7 +17,6 @@ from cg_tf.config import Config
 from cg_tf.errors import UserInputError
 from tests import fixtures
 from tests import reference
-from tests import test_train
 
 
 def awkward_values(batch, width, seed):
@@ -208,7 +207,7 @@ class EveryLayerEveryRuleTest(parameterized.TestCase, tf.test.TestCase):
 
 
 def one_step_config(aggregator, **settings):
-  return test_train.tiny_config(hidden=(8,), batch_size=20, noise=0.5, aggregator=aggregator,
+  return fixtures.tiny_config(hidden=(8,), batch_size=20, noise=0.5, aggregator=aggregator,
                                 **settings)
 
 
@@ -221,7 +220,7 @@ class InTheLoopTest(parameterized.TestCase, tf.test.TestCase):
 
   def replay(self, config, num_steps, update_rule):
     """Runs num_steps one by one; checks each against w - lr * update_rule(per_example, step)."""
-    dataset = test_train.separable_dataset(num_train=60)
+    dataset = fixtures.separable_dataset(num_train=60)
     experiment = train.Experiment(config, data.make_noisy(dataset, 0, config.noise, 0))
     images, labels = experiment.train_images.numpy(), experiment.train_labels.numpy()
     for step in range(num_steps):
@@ -276,10 +275,10 @@ class InTheLoopTest(parameterized.TestCase, tf.test.TestCase):
   def test_dp_without_noise_is_l2clip_and_its_noise_has_the_right_spread(self):
     self.replay(one_step_config('dp', clip_norm=0.05), 3,
                 lambda g, _: reference.aggregate('l2clip', g, clip_norm=0.05))
-    noisy_config = test_train.tiny_config(hidden=(64,), batch_size=20, noise=0.5,
+    noisy_config = fixtures.tiny_config(hidden=(64,), batch_size=20, noise=0.5,
                                           aggregator='dp', clip_norm=0.05, noise_multiplier=2.0)
     plain_config = Config(**{**noisy_config.__dict__, 'noise_multiplier': 0.0})
-    dataset = test_train.separable_dataset(num_train=60)
+    dataset = fixtures.separable_dataset(num_train=60)
     noisy_data = data.make_noisy(dataset, 0, 0.5, 0)
     noisy, plain = (train.Experiment(c, noisy_data) for c in (noisy_config, plain_config))
     for experiment in (noisy, plain):
@@ -297,20 +296,20 @@ class InTheLoopTest(parameterized.TestCase, tf.test.TestCase):
       ('trimmed_mean', {'aggregator': 'trimmed_mean', 'trim_k': 2}),
   )
   def test_a_resumed_run_has_the_same_bits(self, settings):
-    dataset = test_train.separable_dataset(num_train=100)
-    config = test_train.tiny_config(noise=0.5, steps=20, checkpoint_every=7, eval_every=7,
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=20, checkpoint_every=7, eval_every=7,
                                     **settings)
-    whole = test_train.final_weights(config, dataset, self.create_tempdir().full_path)
+    whole = fixtures.final_weights(config, dataset, self.create_tempdir().full_path)
     split_dir = self.create_tempdir().full_path
     train.train_and_evaluate(Config(**{**config.__dict__, 'steps': 7}), split_dir, dataset)
     self.assertTrue(os.path.exists(os.path.join(split_dir, 'checkpoints')))
-    split = test_train.final_weights(config, dataset, split_dir)
+    split = fixtures.final_weights(config, dataset, split_dir)
     for w, s in zip(whole, split):
       self.assertAllEqual(w, s)
 
   def test_dp_reports_epsilon(self):
-    dataset = test_train.separable_dataset(num_train=100)
-    config = test_train.tiny_config(steps=20, aggregator='dp', clip_norm=1.0,
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(steps=20, aggregator='dp', clip_norm=1.0,
                                     noise_multiplier=1.0)
     metrics = train.train_and_evaluate(config, self.create_tempdir().full_path, dataset)
     self.assertAllClose(metrics['dp/epsilon'], aggregators.dp_epsilon(100, 20, 20, 1.0, 1e-5))
@@ -336,7 +335,7 @@ class SettingsTest(parameterized.TestCase):
   )
   def test_bad_settings_are_refused_in_one_line(self, settings, message):
     with self.assertRaisesRegex(UserInputError, re.escape(message)):
-      test_train.tiny_config(**settings)
+      fixtures.tiny_config(**settings)
 
   @parameterized.parameters(
       ('winsorize', {'c': 60}, 'winsorize: c=60 must be in [0, 50)'),
@@ -371,6 +370,6 @@ class SettingsTest(parameterized.TestCase):
   )
   def test_settings_are_named_and_share_the_step_time_of_what_does_the_same_work(
       self, settings, name, cost_name):
-    config = test_train.tiny_config(**settings)
+    config = fixtures.tiny_config(**settings)
     self.assertEqual(aggregators.describe_run(config), name)
     self.assertEqual(aggregators.step_cost_setting(config), cost_name)

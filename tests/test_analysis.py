@@ -1,53 +1,33 @@
 """The analysis scripts, run as a user runs them, on tiny real run directories."""
 
-import json
 import os
 import subprocess
 import sys
 
+import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
 from cg_tf import train
 from cg_tf import workdir
-from tests import test_data
-from tests import test_train
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(name, *args):
-  result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', name), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
-
-
-def add_unknown_setting(run_dir):
-  """Makes run_dir's config.json look written by a later cg_tf, with a setting this one lacks."""
-  path = os.path.join(run_dir, workdir.CONFIG_FILE)
-  with open(path) as f:
-    settings = json.load(f)
-  with open(path, 'w') as f:
-    json.dump({**settings, 'future_setting': 1}, f)
-
-
-def row_for(table, prefix):
-  return next(line for line in table.splitlines() if line.startswith(prefix))
-
-
+@pytest.mark.slow
 class AnalysisTest(absltest.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.root = os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_analysis_{os.getpid()}')
-    dataset = test_train.separable_dataset(num_train=120)
+    dataset = fixtures.separable_dataset(num_train=120)
     cls.runs = []
     for noise, c, seed in ((0.0, 0, 0), (0.5, 0, 0), (0.5, 10, 0), (0.5, 0, 1)):
       run_dir = os.path.join(cls.root, f'n{noise}_c{c}' + (f'_s{seed}' if seed else ''))
-      config = test_train.tiny_config(noise=noise, winsor_c=c, seed=seed, noise_seed=seed,
+      config = fixtures.tiny_config(noise=noise, winsor_c=c, seed=seed, noise_seed=seed,
                                       steps=40, decomp_every=20,
                                       decomp_dense_steps=10, decomp_sample_examples=30,
                                       decomp_sample_weights=10)
@@ -59,47 +39,47 @@ class AnalysisTest(absltest.TestCase):
                             (1.0, {'aggregator': 'rm3'}),
                             (1.0, {'aggregator': 'mean', 'learning_rate': 0.05})):
       run_dir = os.path.join(cls.root, f'aggregator_n{noise}_{settings["aggregator"]}')
-      train.train_and_evaluate(test_train.tiny_config(noise=noise, steps=20, **settings), run_dir,
+      train.train_and_evaluate(fixtures.tiny_config(noise=noise, steps=20, **settings), run_dir,
                                dataset)
       cls.aggregator_runs.append(run_dir)
     cls.coherence_runs = []
     for noise in (0.0, 0.5):
       run_dir = os.path.join(cls.root, f'coherence_n{noise}')
-      train.train_and_evaluate(test_train.tiny_config(
+      train.train_and_evaluate(fixtures.tiny_config(
           noise=noise, steps=40, coherence_every=20, decomp_dense_steps=3, stiffness_examples=50,
           forgetting=True), run_dir, dataset)
       cls.coherence_runs.append(run_dir)
 
   def test_figure1(self):
     out = os.path.join(self.root, 'figs', 'figure1.png')
-    table = run_script('figure1.py', f'--runs={",".join(self.runs[:2])}', f'--out={out}')
+    table = fixtures.run_script('figure1.py', f'--runs={",".join(self.runs[:2])}', f'--out={out}')
     self.assertTrue(os.path.getsize(out) > 10_000)
     self.assertTrue(os.path.exists(out.replace('.png', '.pdf')))
     self.assertIn('| 50% | 1 |', table)
 
   def test_seeds_are_averaged(self):
     out = os.path.join(self.root, 'figs', 'seeds.png')
-    one_seed = run_script('figure1.py', f'--runs={self.runs[1]}', f'--out={out}')
-    two_seeds = run_script('figure1.py', f'--runs={self.runs[1]},{self.runs[3]}', f'--out={out}')
-    other_seed = run_script('figure1.py', f'--runs={self.runs[3]}', f'--out={out}')
-    final_train = [float(row_for(table, '| 50% |').split('|')[4])
+    one_seed = fixtures.run_script('figure1.py', f'--runs={self.runs[1]}', f'--out={out}')
+    two_seeds = fixtures.run_script('figure1.py', f'--runs={self.runs[1]},{self.runs[3]}', f'--out={out}')
+    other_seed = fixtures.run_script('figure1.py', f'--runs={self.runs[3]}', f'--out={out}')
+    final_train = [float(fixtures.row_for(table, '| 50% |').split('|')[4])
                    for table in (one_seed, two_seeds, other_seed)]
     self.assertIn('| 50% | 2 |', two_seeds)
     self.assertNotEqual(final_train[0], final_train[2])
     self.assertAlmostEqual(final_train[1], (final_train[0] + final_train[2]) / 2, delta=1e-4)
-    table = run_script('figures_2_3.py', f'--runs={self.runs[1]},{self.runs[3]}',
+    table = fixtures.run_script('figures_2_3.py', f'--runs={self.runs[1]},{self.runs[3]}',
                        f'--out_dir={os.path.join(self.root, "seed_figs")}')
     self.assertIn('| 50% | 2 | actual |', table)
 
   def test_figure4(self):
     out = os.path.join(self.root, 'figs', 'figure4.png')
-    table = run_script('figure4.py', f'--runs={self.root}/n0.5_c*', f'--out={out}')
+    table = fixtures.run_script('figure4.py', f'--runs={self.root}/n0.5_c*', f'--out={out}')
     self.assertTrue(os.path.getsize(out) > 10_000)
     self.assertIn('| 10 | 50% | 1 | 0.550 |', table)
 
   def test_figures_2_3(self):
     out_dir = os.path.join(self.root, 'figs')
-    table = run_script('figures_2_3.py', f'--runs={self.runs[1]}', f'--out_dir={out_dir}')
+    table = fixtures.run_script('figures_2_3.py', f'--runs={self.runs[1]}', f'--out_dir={out_dir}')
     for name in ('figure2.png', 'figure3.png'):
       self.assertTrue(os.path.getsize(os.path.join(out_dir, name)) > 10_000)
     rows = [line for line in table.splitlines() if line.startswith('| 50% |')]
@@ -111,7 +91,7 @@ class AnalysisTest(absltest.TestCase):
   def test_coherence(self):
     out = os.path.join(self.root, 'figs', 'coherence.png')
     report = os.path.join(self.root, 'figs', 'coherence.md')
-    table = run_script('coherence.py', f'--runs={",".join(self.coherence_runs)}', f'--out={out}',
+    table = fixtures.run_script('coherence.py', f'--runs={",".join(self.coherence_runs)}', f'--out={out}',
                        f'--report={report}')
     self.assertTrue(os.path.getsize(out) > 10_000)
     with open(report) as f:
@@ -119,11 +99,11 @@ class AnalysisTest(absltest.TestCase):
     self.assertIn('| quantity | 0% noise | 50% noise |', table)
     examples = workdir.read_examples(self.coherence_runs[1])
     corrupt, events = examples['corrupt'], examples['forgetting_events']
-    row = row_for(table, '| forgetting events per corrupt example |').split('|')
+    row = fixtures.row_for(table, '| forgetting events per corrupt example |').split('|')
     self.assertEqual(row[2].strip(), '–')  # no corrupt examples at 0% noise
     self.assertAlmostEqual(float(row[3]), events[corrupt].mean(), delta=5e-3)
     record = workdir.read_measurements(self.coherence_runs[0], workdir.COHERENCE_FILE)
-    row = row_for(table, '| m-coherence at step 0 |').split('|')
+    row = fixtures.row_for(table, '| m-coherence at step 0 |').split('|')
     self.assertAlmostEqual(float(row[2]), record['m_coherence'][0, 0, -1],
                            delta=1e-2 * record['m_coherence'][0, 0, -1])
 
@@ -136,22 +116,22 @@ class AnalysisTest(absltest.TestCase):
       f.write('hidden,batch_size,setting,ms_per_step,ratio_to_sgd\n'
               '16,20,mean (SGD),1.0,1.0\n16,20,trimmed_mean k=2,4.2,4.2\n'
               '16,20,dp C=1 σ=1,2.5,2.5\n256,20,rm3,3.0,3.0\n16,100,rm3,3.5,3.5\n')
-    table = run_script('aggregators.py', f'--runs={",".join(self.aggregator_runs)}',
+    table = fixtures.run_script('aggregators.py', f'--runs={",".join(self.aggregator_runs)}',
                        f'--out={out}', f'--step_times={step_times}')
     self.assertTrue(os.path.getsize(out) > 10_000)
-    dp = row_for(table, '| 50% | dp C=1 σ=1 |').split('|')
+    dp = fixtures.row_for(table, '| 50% | dp C=1 σ=1 |').split('|')
     metrics = workdir.read_scalars(self.aggregator_runs[1]).ffill().iloc[-1]
     self.assertAlmostEqual(float(dp[3]), metrics['test/accuracy'], delta=5e-4)
     self.assertIn(f'({metrics["dp/epsilon"]:.3g}, 1e-05)', dp[9])
     self.assertEqual(dp[10].strip(), '2.5')
-    self.assertEqual(row_for(table, '| 50% | trimmed_mean k=2 |').split('|')[10].strip(), '4.2')
-    rm3 = row_for(table, '| 100% | rm3 |').split('|')
+    self.assertEqual(fixtures.row_for(table, '| 50% | trimmed_mean k=2 |').split('|')[10].strip(), '4.2')
+    rm3 = fixtures.row_for(table, '| 100% | rm3 |').split('|')
     self.assertEqual(float(rm3[6]), 0.1)  # the proper accuracy at 100% noise
     self.assertEqual(rm3[9].strip(), '–')
     self.assertEqual(rm3[10].strip(), '–')  # timed only for other models and batch sizes
     # A learning rate other than the paper's 0.1 is part of the label, not of the
     # step time; SGD comes first.
-    sgd = row_for(table, '| 100% | mean (SGD) lr=0.05 |').split('|')
+    sgd = fixtures.row_for(table, '| 100% | mean (SGD) lr=0.05 |').split('|')
     self.assertEqual(sgd[10].strip(), '1.0')
     self.assertLess(table.index('| 100% | mean (SGD) lr=0.05 |'), table.index('| 100% | rm3 |'))
 
@@ -181,19 +161,20 @@ class AnalysisTest(absltest.TestCase):
                   result.stderr.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 class DeadUnitsTest(absltest.TestCase):
 
   def test_restores_the_run_and_counts_what_it_logged(self):
     # The script rebuilds the training set from the run's config and restores
     # its last checkpoint: its training accuracy must be the one the run
     # logged, and its dead units the logged fractions times the widths.
-    data_dir = test_data.fake_mnist_dir('dead_units', num_train=300)
+    data_dir = fixtures.fake_mnist_dir('dead_units', num_train=300)
     run_dir = self.create_tempdir().full_path
-    config = test_train.tiny_config(hidden=(32, 8), noise=0.5, steps=40, data_dir=data_dir,
+    config = fixtures.tiny_config(hidden=(32, 8), noise=0.5, steps=40, data_dir=data_dir,
                                     learning_rate=0.5)
     metrics = train.train_and_evaluate(config, run_dir)
-    table = run_script('dead_units.py', f'--runs={run_dir}')
-    row = row_for(table, f'| {run_dir} |').split('|')
+    table = fixtures.run_script('dead_units.py', f'--runs={run_dir}')
+    row = fixtures.row_for(table, f'| {run_dir} |').split('|')
     self.assertEqual(int(row[2]), 40)
     self.assertAlmostEqual(float(row[3]), metrics['train/accuracy'], delta=5e-5)
     self.assertEqual(row[4].strip(), '%d of 32, %d of 8' % (
@@ -201,7 +182,7 @@ class DeadUnitsTest(absltest.TestCase):
 
   def test_a_run_without_checkpoints_is_one_line_and_exit_2(self):
     run_dir = self.create_tempdir().full_path
-    workdir.prepare(run_dir, test_train.tiny_config(steps=40))
+    workdir.prepare(run_dir, fixtures.tiny_config(steps=40))
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'dead_units.py'),
                              f'--runs={run_dir}'], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
@@ -212,6 +193,7 @@ class DeadUnitsTest(absltest.TestCase):
     self.assertIn('has no checkpoint', lines[0])
 
 
+@pytest.mark.slow
 class BadRunsTest(parameterized.TestCase):
 
   @parameterized.product(script=['figure1.py', 'figure4.py', 'figures_2_3.py', 'coherence.py',
@@ -221,12 +203,12 @@ class BadRunsTest(parameterized.TestCase):
   def test_bad_runs_are_one_line_and_exit_2(self, script, case):
     root = self.create_tempdir()
     unfinished = root.mkdir('unfinished')
-    workdir.prepare(unfinished.full_path, test_train.tiny_config(steps=40))
+    workdir.prepare(unfinished.full_path, fixtures.tiny_config(steps=40))
     workdir.save_final_metrics(unfinished.full_path, 20, {'train/accuracy': 0.5})
     other_version = root.mkdir('other_version')
-    workdir.prepare(other_version.full_path, test_train.tiny_config(steps=20))
+    workdir.prepare(other_version.full_path, fixtures.tiny_config(steps=20))
     workdir.save_final_metrics(other_version.full_path, 20, {'train/accuracy': 0.5})
-    add_unknown_setting(other_version.full_path)
+    fixtures.add_unknown_setting(other_version.full_path)
     runs, message = {
         'missing': ([f'--runs={root.full_path}/nope'], 'matches no directory'),
         'empty_glob': ([f'--runs={root.full_path}/x*'], 'matches no directory'),

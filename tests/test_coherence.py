@@ -16,8 +16,6 @@ from cg_tf.config import Config
 from cg_tf.errors import UserInputError
 from tests import fixtures
 from tests import reference
-from tests import test_gradients
-from tests import test_train
 
 
 def per_layer_gradients(model, x, y):
@@ -30,7 +28,7 @@ def per_layer_gradients(model, x, y):
 
 def awkward_batch(size, seed):
   """Inputs with exact zeros (blank pixels) and labels; float32 [size, 5], int32 [size]."""
-  x, y = (t.numpy() for t in test_gradients.batch(size, size))
+  x, y = (t.numpy() for t in fixtures.batch(size, size))
   rng = np.random.default_rng(seed)
   x[:, 1] = 0.0
   x[rng.random(x.shape) < 0.2] = 0.0
@@ -41,7 +39,7 @@ class StatisticsTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.product(hidden=[(6,), (7, 4)], size=[1, 9, 40], chunk=[7, 100])
   def test_layer_statistics_match_float64(self, hidden, size, chunk):
-    model = test_gradients.random_model(hidden, size)
+    model = fixtures.random_model(hidden, size)
     x, y = awkward_batch(size, size)
     corrupt = np.random.default_rng(size).random(size) < 0.4
     sums, sq_norms = coherence.layer_statistics(model, x, y, corrupt, chunk)
@@ -78,7 +76,7 @@ class StatisticsTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.parameters(1, 2, 25)
   def test_m_coherence_matches_float64_and_inverse_gradient_diversity(self, size):
-    model = test_gradients.random_model((6, 5), size)
+    model = fixtures.random_model((6, 5), size)
     x, y = awkward_batch(size, size)
     corrupt = np.arange(size) % 3 == 0
     got = coherence.group_m_coherence(*coherence.layer_statistics(model, x, y, corrupt, 10),
@@ -96,7 +94,7 @@ class StatisticsTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.parameters(2, 3, 10)
   def test_m_coherence_of_identical_examples_is_m(self, m):
-    model = test_gradients.random_model((6,), m)
+    model = fixtures.random_model((6,), m)
     x, y = awkward_batch(1, m)
     x, y = np.repeat(x, m, axis=0), np.repeat(y, m)
     got = coherence.group_m_coherence(
@@ -120,7 +118,7 @@ class StatisticsTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(got[0], [1.0, 1.0], rtol=1e-5)
 
   def test_gsnr_and_sign_majority_match_float64(self):
-    model = test_gradients.random_model((6,), 3)
+    model = fixtures.random_model((6,), 3)
     x, y = awkward_batch(30, 3)
     sums, _ = coherence.layer_statistics(model, x, y, np.zeros(30, bool), 8)
     for layer, (s, g) in enumerate(zip(sums, per_layer_gradients(model, x, y))):
@@ -138,7 +136,7 @@ class StatisticsTest(parameterized.TestCase, tf.test.TestCase):
       self.assertAllClose(coherence.sign_majority(s.sign_sum, s.nonzero).ravel(), expected)
 
   def test_gradient_cosines_and_class_stiffness_match_float64(self):
-    model = test_gradients.random_model((6, 5), 4)
+    model = fixtures.random_model((6, 5), 4)
     x, y = awkward_batch(24, 4)
     y[:6] = 2  # ties: several examples of one class
     flat = np.concatenate(per_layer_gradients(model, x, y), axis=1)
@@ -187,8 +185,8 @@ class TrainingTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.parameters(0, 2)
   def test_forgetting_counted_in_the_step_matches_a_replay(self, winsor_c):
-    dataset = test_train.separable_dataset(num_train=60)
-    config = test_train.tiny_config(noise=0.5, steps=30, forgetting=True, winsor_c=winsor_c)
+    dataset = fixtures.separable_dataset(num_train=60)
+    config = fixtures.tiny_config(noise=0.5, steps=30, forgetting=True, winsor_c=winsor_c)
     experiment = train.Experiment(config, data.make_noisy(dataset, 0, 0.5, 0))
     labels = experiment.train_labels.numpy()
     previous, events, correct_count = {}, np.zeros(60, np.int32), np.zeros(60, np.int32)
@@ -210,8 +208,8 @@ class TrainingTest(parameterized.TestCase, tf.test.TestCase):
                         [int(previous[e]) if e in previous else -1 for e in range(60)])
 
   def test_recorded_during_training_and_resumed(self):
-    dataset = test_train.separable_dataset(num_train=150)
-    config = test_train.tiny_config(noise=0.5, steps=30, coherence_every=10,
+    dataset = fixtures.separable_dataset(num_train=150)
+    config = fixtures.tiny_config(noise=0.5, steps=30, coherence_every=10,
                                     decomp_dense_steps=3, stiffness_examples=40,
                                     forgetting=True)
     whole = self.create_tempdir().full_path
@@ -253,11 +251,11 @@ class TrainingTest(parameterized.TestCase, tf.test.TestCase):
   def test_stiffness_needs_the_coherence_schedule(self):
     with self.assertRaisesRegex(UserInputError, '--stiffness_examples=100 is measured on the '
                                 '--coherence_every schedule'):
-      test_train.tiny_config(stiffness_examples=100)
+      fixtures.tiny_config(stiffness_examples=100)
 
   def test_a_run_made_before_the_new_settings_resumes(self):
-    dataset = test_train.separable_dataset(num_train=60)
-    config = test_train.tiny_config(steps=10)
+    dataset = fixtures.separable_dataset(num_train=60)
+    config = fixtures.tiny_config(steps=10)
     logdir = self.create_tempdir().full_path
     train.train_and_evaluate(config, logdir, dataset)
     path = os.path.join(logdir, 'config.json')

@@ -8,14 +8,15 @@ import sys
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cg_tf import aggregators
 from cg_tf import cpu_kernel
 from cg_tf import winsorize
 from cg_tf.errors import UserInputError
+from tests import fixtures
 from tests import reference
-from tests import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,26 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def bits(values):
   """The float32 values' bit patterns, so that -0.0 and 0.0 differ."""
   return np.asarray(values, np.float32).view(np.int32)
-
-
-def layer_factors(kind, batch, fan_in, fan_out, seed):
-  """A Dense layer's inputs a [batch, fan_in] (>= 0) and errors d [batch, fan_out], float32."""
-  rng = np.random.default_rng(seed)
-  a = np.maximum(rng.normal(size=(batch, fan_in)), 0)
-  a[rng.random(a.shape) < 0.5] = 0  # blank pixels, inactive ReLUs
-  d = rng.normal(size=(batch, fan_out)) / 100
-  if kind == 'ties':  # few distinct values: ties at every rank
-    a, d = np.round(a * 2) / 2, np.round(d * 300) / 300
-  elif kind == 'sparse_errors':  # inactive units pass back exact zeros
-    d[rng.random(d.shape) < 0.6] = 0
-  elif kind == 'blank_rows':  # inputs that no example sets, and one that all do
-    a[:, ::3] = 0
-    a[:, 1] = 1.0
-  elif kind == 'one_class':  # every example the same, as a batch of one class can be
-    a[:], d[:] = a[0], d[0]
-  elif kind == 'negative_inputs':  # inputs of either sign (e.g. normalised pixels)
-    a = rng.normal(size=(batch, fan_in))
-  return a.astype(np.float32), d.astype(np.float32)
 
 
 class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
@@ -55,7 +36,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
                          c=[0.5, 1, 2, 4, 8, 15])
   def test_same_bits_as_xla(self, kind, c):
     # 37 x 33: rows and columns that fill no whole vector of 16.
-    a, d = (tf.constant(x) for x in layer_factors(kind, 100, 37, 33, seed=int(c * 2)))
+    a, d = (tf.constant(x) for x in fixtures.layer_factors(kind, 100, 37, 33, seed=int(c * 2)))
     for function, args in ((winsorize.winsorized_outer_sum_and_count, (a, d, float(c))),
                            (winsorize.winsorized_sum_and_count, (d, float(c)))):
       by_xla, by_kernel = (function(*args, backend=backend) for backend in ('xla', 'cpu_kernel'))
@@ -70,7 +51,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
                                'negative_inputs'],
                          batch=[1, 2, 3, 7, 64, 100, 101])
   def test_median_same_values_as_xla(self, kind, batch):
-    a, d = (tf.constant(x) for x in layer_factors(kind, batch, 37, 33, seed=batch))
+    a, d = (tf.constant(x) for x in fixtures.layer_factors(kind, batch, 37, 33, seed=batch))
     by_kernel = aggregators.outer_median(a, d, backend='cpu_kernel')
     # Values, not bits: where the median is an exact 0, tf.sort's order of -0.0
     # and 0.0 is not the kernel's, and the two may differ in sign.
@@ -80,7 +61,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.product(batch=[1, 2, 3, 17, 64], fan_out=[1, 10, 16])
   def test_small_batches_and_widths_match_numpy(self, batch, fan_out):
-    a, d = layer_factors('ties', batch, 5, fan_out, seed=batch + fan_out)
+    a, d = fixtures.layer_factors('ties', batch, 5, fan_out, seed=batch + fan_out)
     per_example = np.einsum('bi,bo->bio', a, d)
     for c in (2, 20, 40):
       total, num_clipped = winsorize.winsorized_outer_sum_and_count(
@@ -89,7 +70,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
       self.assertEqual(int(num_clipped), reference.num_clipped(per_example, c))
 
   def test_each_coordinate_keeps_its_bits_in_a_replicas_block_of_columns(self):
-    a, d = (tf.constant(x) for x in layer_factors('normal', 100, 20, 24, seed=5))
+    a, d = (tf.constant(x) for x in fixtures.layer_factors('normal', 100, 20, 24, seed=5))
     whole, _ = winsorize.winsorized_outer_sum_and_count(a, d, 4.0, backend='cpu_kernel')
     columns = tf.constant([5, 23, 0, -1], tf.int32)  # the last is padding
     block, _ = winsorize.winsorized_outer_sum_and_count(a, d, 4.0, columns, backend='cpu_kernel')
@@ -99,7 +80,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllEqual(bits(block), bits(by_xla))
 
   def test_extremes_against_sorting(self):
-    a, d = layer_factors('ties', 50, 9, 18, seed=3)
+    a, d = fixtures.layer_factors('ties', 50, 9, 18, seed=3)
     values = np.sort(np.einsum('bi,bo->bio', a, d), axis=0)  # float32 products, as the kernel's
     extremes = cpu_kernel.outer_extremes(a, d, num_high=3, num_low=5)
     self.assertAllClose(extremes.largest_sum, values[-3:].astype(np.float64).sum(axis=0),
@@ -112,7 +93,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
                      int((values[-3:] > values[-4]).sum() + (values[:5] < values[5]).sum()))
 
   def test_more_clipped_than_the_kernel_keeps_goes_to_xla(self):
-    a, d = (tf.constant(x) for x in layer_factors('normal', 100, 4, 3, seed=1))
+    a, d = (tf.constant(x) for x in fixtures.layer_factors('normal', 100, 4, 3, seed=1))
     c = 30  # 30 values a side, over MAX_CLIPPED
     self.assertGreater(winsorize.clipped_per_side(c, 100)[0], cpu_kernel.MAX_CLIPPED)
     total, _ = winsorize.winsorized_outer_sum_and_count(a, d, float(c), backend='cpu_kernel')
@@ -120,7 +101,7 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
                         rtol=1e-5, atol=1e-7)
 
   def test_the_op_refuses_what_it_cannot_compute(self):
-    a, d = layer_factors('normal', 4, 3, 2, seed=0)
+    a, d = fixtures.layer_factors('normal', 4, 3, 2, seed=0)
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, 'more examples than it keeps'):
       cpu_kernel.outer_extremes(a, d, num_high=4, num_low=0)
     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, 'at most 15'):
@@ -141,18 +122,19 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
     self.assertEqual(os.path.dirname(library), cpu_kernel.cache_dir())
 
   @absltest.skipUnless(platform.machine() == 'x86_64', 'x86-64 instruction sets')
+  @pytest.mark.slow
   def test_same_bits_when_compiled_for_an_older_cpu(self):
     # The kernel's vectors are as wide as the CPU's registers: 4 floats on
     # baseline x86-64 (SSE2), where this machine may use 8 or 16.
     script = '''
 import numpy as np
 from cg_tf import cpu_kernel, winsorize
-from tests.test_cpu_kernel import layer_factors
+from tests import fixtures
 cpu_kernel.NATIVE_FLAGS = ('-march=x86-64',)
 assert cpu_kernel.unavailable_reason() is None, cpu_kernel.unavailable_reason()
 for kind in ('ties', 'blank_rows'):
   for c in (2.0, 8.0):
-    a, d = layer_factors(kind, 100, 21, 13, seed=7)
+    a, d = fixtures.layer_factors(kind, 100, 21, 13, seed=7)
     x = winsorize.winsorized_outer_sum_and_count(a, d, c, backend='xla')
     k = winsorize.winsorized_outer_sum_and_count(a, d, c, backend='cpu_kernel')
     assert np.array_equal(np.asarray(x[0]).view(np.int32), np.asarray(k[0]).view(np.int32))
@@ -165,6 +147,7 @@ print('same bits')
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     self.assertEqual(result.stdout.strip().splitlines()[-1], 'same bits')
 
+  @pytest.mark.slow
   def test_an_unwritable_cache_builds_for_the_process_alone(self):
     unwritable = os.path.join(self.create_tempdir().full_path, 'cache')
     os.makedirs(unwritable, mode=0o500)
@@ -179,6 +162,7 @@ print('same bits')
     self.assertEqual(result.stdout.strip().splitlines()[-1], 'None')
 
 
+@pytest.mark.slow
 class WithoutCompilerTest(tf.test.TestCase):
   """No C++ compiler: 'fast' winsorizes by XLA and says why; 'cpu_kernel' is one line, exit 2."""
 
@@ -188,7 +172,7 @@ class WithoutCompilerTest(tf.test.TestCase):
                           env=env, capture_output=True, text=True, timeout=600)
 
   def test_fast_falls_back_to_xla_and_explicit_kernel_is_refused(self):
-    data_dir = test_data.fake_mnist_dir('no_compiler', num_train=200)
+    data_dir = fixtures.fake_mnist_dir('no_compiler', num_train=200)
     common = [f'--data_dir={data_dir}', '--hidden=8', '--steps=3', '--eval_every=3',
               '--winsor_c=2']
     fast = self.run_py(*common, f'--logdir={self.create_tempdir().full_path}/fast')
@@ -207,3 +191,31 @@ class WithoutCompilerTest(tf.test.TestCase):
 
 if __name__ == '__main__':
   tf.test.main()
+
+
+@pytest.mark.slow
+class BuildCommandTest(tf.test.TestCase):
+
+  def build(self, cache, **env):
+    return subprocess.run([sys.executable, '-m', 'cg_tf.cpu_kernel', 'build'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, CG_TF_CACHE=cache, **env))
+
+  def test_builds_once_and_says_where(self):
+    cache = self.create_tempdir().full_path
+    first = self.build(cache)
+    self.assertEqual(first.returncode, 0, first.stderr[-2000:])
+    self.assertRegex(first.stdout.strip(), rf'^cg_tf\.cpu_kernel: built {cache}/extremes_\w+\.so '
+                     r'with .+ in \d+ s$')
+    second = self.build(cache)
+    self.assertEqual(second.returncode, 0)
+    self.assertRegex(second.stdout.strip(), rf'^cg_tf\.cpu_kernel: already built: {cache}/')
+
+  def test_a_failing_compiler_is_one_line_and_exit_1(self):
+    result = self.build(self.create_tempdir().full_path, CXX='/bin/false')
+    self.assertEqual(result.returncode, 1)
+    self.assertEqual(result.stderr.strip().splitlines()[-1],
+                     'cg_tf.cpu_kernel: compiling kernels/extremes.cc failed: exit status 1')
+    missing = self.build(self.create_tempdir().full_path, CXX='no-such-compiler')
+    self.assertEqual(missing.returncode, 1)
+    self.assertIn('no C++ compiler: no-such-compiler is not on the PATH', missing.stderr)

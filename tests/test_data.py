@@ -12,40 +12,9 @@ import tensorflow as tf
 
 from cg_tf import data
 from cg_tf.errors import UserInputError
+from tests import fixtures
 
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'mnist')
-
-
-def write_idx(path, array):
-  """Writes an IDX file the way the format's definition says (the test's own writer)."""
-  codes = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
-  header = bytes([0, 0, codes[array.dtype.type], array.ndim])
-  header += b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
-  payload = header + array.astype(array.dtype.newbyteorder('>')).tobytes()
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'wb') as f:
-    f.write(payload)
-
-
-def write_fake_mnist(directory, num_train=200, num_test=50, seed=0, gz=True):
-  """Four IDX files of random 28x28 'digits' whose class shows in their brightness."""
-  rng = np.random.default_rng(seed)
-  os.makedirs(directory, exist_ok=True)
-  for prefix, n in (('train', num_train), ('t10k', num_test)):
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    images[np.arange(n), labels, :] = 255  # one bright row per class: learnable
-    suffix = '.gz' if gz else ''
-    write_idx(os.path.join(directory, f'{prefix}-images-idx3-ubyte{suffix}'), images)
-    write_idx(os.path.join(directory, f'{prefix}-labels-idx1-ubyte{suffix}'), labels)
-  return directory
-
-
-def fake_mnist_dir(name, num_train, num_test=100):
-  """write_fake_mnist into a directory of this test process's own, named `name`."""
-  return write_fake_mnist(
-      os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_fake_mnist_{name}_{os.getpid()}'),
-      num_train=num_train, num_test=num_test)
 
 
 class CorruptLabelsTest(parameterized.TestCase):
@@ -116,7 +85,7 @@ class IdxTest(parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_roundtrip(self, gz):
     directory = self.create_tempdir().full_path
-    write_fake_mnist(directory, gz=gz)
+    fixtures.write_fake_mnist(directory, gz=gz)
     loaded = data.load_idx_dir(directory)
     self.assertEqual(loaded.train_images.shape, (200, 784))
     self.assertEqual(loaded.test_images.shape, (50, 784))
@@ -128,7 +97,7 @@ class IdxTest(parameterized.TestCase):
   def test_other_dtypes(self):
     path = os.path.join(self.create_tempdir().full_path, 'x')
     array = np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5
-    write_idx(path, array)
+    fixtures.write_idx(path, array)
     np.testing.assert_array_equal(data.read_idx(path), array)
 
   def test_bad_magic(self):
@@ -140,7 +109,7 @@ class IdxTest(parameterized.TestCase):
 
   def test_truncated(self):
     path = os.path.join(self.create_tempdir().full_path, 'short')
-    write_idx(path, np.zeros((5, 3), np.uint8))
+    fixtures.write_idx(path, np.zeros((5, 3), np.uint8))
     with open(path, 'rb') as f:
       raw = f.read()
     with open(path, 'wb') as f:
@@ -150,7 +119,7 @@ class IdxTest(parameterized.TestCase):
 
   def test_missing_file_and_directory(self):
     directory = self.create_tempdir().full_path
-    write_fake_mnist(directory)
+    fixtures.write_fake_mnist(directory)
     os.remove(os.path.join(directory, 't10k-labels-idx1-ubyte.gz'))
     with self.assertRaisesRegex(UserInputError, 't10k-labels-idx1-ubyte'):
       data.load_idx_dir(directory)

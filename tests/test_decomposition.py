@@ -11,8 +11,7 @@ from cg_tf import decomposition
 from cg_tf import train
 from cg_tf import workdir
 from tests import reference
-from tests import test_gradients
-from tests import test_train
+from tests import fixtures
 
 
 def flat_per_example(model, x, y):
@@ -26,8 +25,8 @@ class DecompositionTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.product(hidden=[(5,), (6, 4)], size=[7, 33], chunk=[5, 100])
   def test_full_population_matches_float64(self, hidden, size, chunk):
-    model = test_gradients.random_model(hidden, size)
-    x, y = (t.numpy() for t in test_gradients.batch(size, size))
+    model = fixtures.random_model(hidden, size)
+    x, y = (t.numpy() for t in fixtures.batch(size, size))
     per_example = flat_per_example(model, x, y)
     corrupt = np.random.default_rng(size).random(size) < 0.4
     g = per_example.sum(axis=0)
@@ -45,8 +44,8 @@ class DecompositionTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(f.sum(), 1.0)
 
   def test_sampled_estimator_matches_float64(self):
-    model = test_gradients.random_model((7, 5), 1)
-    x, y = (t.numpy() for t in test_gradients.batch(1, 20))
+    model = fixtures.random_model((7, 5), 1)
+    x, y = (t.numpy() for t in fixtures.batch(1, 20))
     weights = decomposition.sample_weights(model, 4, seed=0)
     grads = reference.mlp_per_example_gradients(
         [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers], x, y)
@@ -73,8 +72,8 @@ class DecompositionTest(parameterized.TestCase, tf.test.TestCase):
     np.testing.assert_array_equal(nulls, decomposition.null_designations(corrupt, 5, seed=0))
 
   def test_recorded_during_training_and_resumed(self):
-    dataset = test_train.separable_dataset(num_train=150)
-    config = test_train.tiny_config(noise=0.5, steps=30, decomp_every=10, decomp_dense_steps=4,
+    dataset = fixtures.separable_dataset(num_train=150)
+    config = fixtures.tiny_config(noise=0.5, steps=30, decomp_every=10, decomp_dense_steps=4,
                                     null_worlds=3, decomp_sample_examples=50,
                                     decomp_sample_weights=20)
     whole = self.create_tempdir().full_path

@@ -16,10 +16,10 @@ import tempfile
 import time
 
 from absl.testing import parameterized
+import pytest
 import tensorflow as tf
 
 from tests import fixtures
-from tests import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--hidden=32', '--batch_size=50', '--eval_every=20', '--checkpoint_every=20',
@@ -45,6 +45,15 @@ def run_py(*args, env=None, wait=True):
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def start_workers(logdir, flags, ports):
+  """run.py as the workers of a local MultiWorkerMirroredStrategy cluster, one process each."""
+  cluster = {'worker': [f'localhost:{port}' for port in ports]}
+  return [run_py(*flags, '--strategy=multiworker', f'--logdir={logdir}', wait=False,
+                 env={'TF_CONFIG': json.dumps({'cluster': cluster,
+                                               'task': {'type': 'worker', 'index': i}})})
+          for i in range(len(ports))]
+
+
 def checkpointed_weights(logdir):
   reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(logdir,
                                                                             'checkpoints')))
@@ -65,6 +74,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
 
   @classmethod
@@ -114,12 +124,13 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
       self.assert_same_run(whole, fixtures.replica_runs(then, {'run': overrides}, workdir)['run'])
 
 
+@pytest.mark.slow
 class LaunchTest(parameterized.TestCase, tf.test.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = test_data.fake_mnist_dir('distribute', num_train=400)
+    cls.data_dir = fixtures.fake_mnist_dir('distribute', num_train=400)
 
   @parameterized.named_parameters(
       ('no_tpu', ['--strategy=tpu'], {}, '--strategy=tpu could not reach the TPU'),
@@ -141,20 +152,13 @@ class LaunchTest(parameterized.TestCase, tf.test.TestCase):
     self.assertStartsWith(last, 'run.py: error: ')
     self.assertIn(message, last)
 
-  def workers(self, logdir, flags, ports):
-    cluster = {'worker': [f'localhost:{port}' for port in ports]}
-    return [run_py(*flags, '--strategy=multiworker', f'--logdir={logdir}', wait=False,
-                   env={'TF_CONFIG': json.dumps({'cluster': cluster,
-                                                 'task': {'type': 'worker', 'index': i}})})
-            for i in range(len(ports))]
-
   def test_two_workers_match_one_device_and_a_killed_pair_resumes(self):
     flags = [f'--data_dir={self.data_dir}', '--steps=200', '--winsor_c=2', *SMALL]
     one = self.create_tempdir().full_path
     self.assertEqual(run_py(*flags, f'--logdir={one}').returncode, 0)
 
     logdir = self.create_tempdir().full_path
-    pair = self.workers(logdir, flags, free_ports(2))
+    pair = start_workers(logdir, flags, free_ports(2))
     index = os.path.join(logdir, 'checkpoints', 'ckpt-60.index')
     deadline = time.time() + 300
     while not os.path.exists(index) and all(p.poll() is None for p in pair) and (
@@ -166,7 +170,7 @@ class LaunchTest(parameterized.TestCase, tf.test.TestCase):
     self.assertFalse(os.path.exists(os.path.join(logdir, 'checkpoints', 'ckpt-200.index')),
                      'the workers finished before they could be killed')
 
-    pair = self.workers(logdir, flags, free_ports(2))
+    pair = start_workers(logdir, flags, free_ports(2))
     for process in pair:
       _, stderr = process.communicate(timeout=600)
       self.assertEqual(process.returncode, 0, stderr[-3000:])
@@ -187,3 +191,43 @@ class LaunchTest(parameterized.TestCase, tf.test.TestCase):
     self.assertEqual(sorted(n for n in os.listdir(os.path.join(logdir, 'checkpoints'))
                             if not n.startswith('ckpt-') and n != 'checkpoint'), [])
     self.assertLen([n for n in os.listdir(logdir) if n.startswith('events.out')], 2)
+
+
+@pytest.mark.slow
+class PreemptionTest(parameterized.TestCase, tf.test.TestCase):
+  """A SIGTERM that reaches one worker of two stops both, at the same step, and they resume."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data_dir = fixtures.fake_mnist_dir('preemption', num_train=400)
+    cls.flags = [f'--data_dir={cls.data_dir}', '--steps=600', '--winsor_c=2', *SMALL]
+    cls.one = tempfile.mkdtemp()
+    assert run_py(*cls.flags, f'--logdir={cls.one}').returncode == 0
+
+  @parameterized.named_parameters(('the_other_worker', 1), ('the_chief', 0))
+  def test_one_sigterm_stops_both_workers_and_they_resume_bit_identical(self, signalled):
+    logdir = self.create_tempdir().full_path
+    pair = start_workers(logdir, self.flags, free_ports(2))
+    first = os.path.join(logdir, 'checkpoints', 'ckpt-100.index')
+    deadline = time.time() + 300
+    while not os.path.exists(first) and time.time() < deadline:
+      time.sleep(0.05)
+    pair[signalled].send_signal(signal.SIGTERM)
+    outputs = [process.communicate(timeout=300)[1] for process in pair]
+    for process, stderr in zip(pair, outputs):
+      self.assertEqual(process.returncode, 143, stderr[-3000:])
+    lines = [stderr.strip().splitlines()[-1] for stderr in outputs]
+    self.assertEqual(lines[0], lines[1])
+    self.assertRegex(lines[0], r'^run\.py: stopped by SIGTERM at step \d+; saved .*ckpt-\d+\. '
+                     r'Rerun the same command to resume$')
+    self.assertFalse(os.path.exists(os.path.join(logdir, 'final_metrics.json')))
+
+    pair = start_workers(logdir, self.flags, free_ports(2))
+    for process in pair:
+      _, stderr = process.communicate(timeout=600)
+      self.assertEqual(process.returncode, 0, stderr[-3000:])
+    self.assertIn('resuming at step', stderr)
+    expected, got = checkpointed_weights(self.one), checkpointed_weights(logdir)
+    for name, value in expected.items():
+      self.assertAllEqual(got[name], value, msg=name)

@@ -11,13 +11,13 @@ from unittest import mock
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cg_tf import train
 from cg_tf import workdir as workdir_lib
 from cg_tf.errors import WriteFailed
-from tests import test_data
-from tests import test_train
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Enough steps that 7 interrupted launches cannot reach the end on an idle
@@ -52,12 +52,13 @@ def final_state(logdir):
   return final['step'], metrics, workdir_lib.read_examples(logdir), weights
 
 
+@pytest.mark.slow
 class FaultTest(parameterized.TestCase, tf.test.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = test_data.fake_mnist_dir('faults', num_train=500)
+    cls.data_dir = fixtures.fake_mnist_dir('faults', num_train=500)
 
   def assert_same_final_state(self, expected_dir, got_dir):
     expected, got = final_state(expected_dir), final_state(got_dir)
@@ -132,8 +133,8 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
     self.assertFalse(os.path.exists(lock))
 
   def test_a_failed_write_is_one_error_and_the_rerun_resumes(self):
-    dataset = test_train.separable_dataset(num_train=100)
-    config = test_train.tiny_config(noise=0.5, steps=40)
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=40)
     whole = self.create_tempdir().full_path
     train.train_and_evaluate(config, whole, dataset)
 
@@ -158,3 +159,128 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
     self.assertFalse(os.path.exists(os.path.join(logdir, 'examples.npz.tmp')))
     train.train_and_evaluate(config, logdir, dataset)
     self.assert_same_final_state(whole, logdir)
+
+
+def snapshot(directory):
+  """{relative path: (size, mtime_ns)} of every file under `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      stat = os.stat(path)
+      out[os.path.relpath(path, directory)] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def damage(path, how):
+  """Truncates `path` to half, or overwrites it with random bytes of its size."""
+  with open(path, 'rb') as f:
+    payload = f.read()
+  with open(path, 'wb') as f:
+    f.write(payload[:len(payload) // 2] if how == 'truncated' else
+            np.random.default_rng(0).bytes(max(len(payload), 16)))
+
+
+@pytest.mark.slow
+class DamagedRunTest(parameterized.TestCase, tf.test.TestCase):
+  """A run directory whose files a power cut, a full disk or a partial copy damaged."""
+
+  def config(self, steps):
+    return fixtures.tiny_config(noise=0.5, steps=steps, eval_every=10, checkpoint_every=10)
+
+  def test_a_damaged_checkpoint_is_skipped_and_the_run_ends_bit_identical(self):
+    dataset = fixtures.separable_dataset(num_train=100)
+    whole = fixtures.final_weights(self.config(40), dataset, self.create_tempdir().full_path)
+    for how in ('truncated', 'random', 'no_index'):
+      run_dir = self.create_tempdir().full_path
+      train.train_and_evaluate(self.config(30), run_dir, dataset)
+      newest = os.path.join(run_dir, 'checkpoints', 'ckpt-30')
+      if how == 'no_index':
+        os.remove(newest + '.index')
+      else:
+        damage(tf.io.gfile.glob(newest + '.data-*')[0], how)
+      with self.assertLogs('cg_tf', 'WARNING') as logs:
+        resumed = fixtures.final_weights(self.config(40), dataset, run_dir)
+      self.assertIn('ckpt-30 cannot be read', '\n'.join(logs.output), how)
+      for w, r in zip(whole, resumed):
+        self.assertAllEqual(w, r, msg=how)
+
+  def test_no_readable_checkpoint_is_one_line_and_exit_2(self):
+    data_dir = fixtures.fake_mnist_dir('damaged', num_train=100)
+    logdir = self.create_tempdir().full_path
+    args = [sys.executable, os.path.join(ROOT, 'run.py'), '--hidden=8', '--batch_size=20',
+            '--eval_every=10', '--checkpoint_every=10', f'--data_dir={data_dir}',
+            f'--logdir={logdir}']
+    subprocess.run([*args, '--steps=20'], cwd=ROOT, capture_output=True, check=True, timeout=300)
+    for path in tf.io.gfile.glob(os.path.join(logdir, 'checkpoints', 'ckpt-*.data-*')):
+      damage(path, 'random')
+    result = subprocess.run([*args, '--steps=30'], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    last = result.stderr.strip().splitlines()[-1]
+    self.assertRegex(last, r'^run\.py: error: no checkpoint in .*checkpoints can be read '
+                     r'\(ckpt-20, ckpt-10, ckpt-0\); restore them from a copy')
+    self.assertNotIn('Traceback', result.stderr)
+
+  @parameterized.product(
+      name=(workdir_lib.CONFIG_FILE, workdir_lib.FLAGS_FILE, workdir_lib.EXAMPLES_FILE,
+            workdir_lib.DECOMPOSITION_FILE, workdir_lib.COHERENCE_FILE,
+            workdir_lib.FINAL_METRICS_FILE),
+      how=('truncated', 'random'))
+  def test_a_damaged_record_is_one_line_and_changes_nothing(self, name, how):
+    if name == workdir_lib.FLAGS_FILE and how == 'truncated':
+      self.skipTest('flags.txt is for people to read: a cut copy is a shorter list of flags')
+    if not hasattr(type(self), 'finished'):
+      data_dir = fixtures.fake_mnist_dir('records', num_train=100)
+      logdir = os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'records_{os.getpid()}')
+      args = ['--hidden=8', '--batch_size=20', '--eval_every=10', '--checkpoint_every=10',
+              '--steps=20', '--decomp_every=10', '--decomp_sample_examples=20',
+              '--decomp_sample_weights=5', '--coherence_every=10', f'--data_dir={data_dir}']
+      subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args, f'--logdir={logdir}'],
+                     cwd=ROOT, capture_output=True, check=True, timeout=300)
+      type(self).finished = (logdir, args)
+    source, args = type(self).finished
+    run_dir = os.path.join(self.create_tempdir().full_path, 'run')
+    subprocess.run(['cp', '-r', source, run_dir], check=True)
+    damage(os.path.join(run_dir, name), how)
+    before = snapshot(run_dir)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args,
+                             f'--logdir={run_dir}'], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    self.assertLen(lines, 1, result.stderr)
+    self.assertRegex(lines[0], rf'^run\.py: error: .*{name} is damaged \(.+\); ')
+    self.assertEqual(snapshot(run_dir), before)
+    # The analysis scripts say the same in one line.
+    analysis = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'figure1.py'),
+                               f'--runs={run_dir}',
+                               f'--out={self.create_tempdir().full_path}/f.png'],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(analysis.returncode, 2, analysis.stderr[-2000:])
+    self.assertRegex(analysis.stderr.strip(), rf'^figure1\.py: error: --runs: .*{name} is damaged')
+
+  def test_rerunning_a_finished_run_writes_nothing(self):
+    data_dir = fixtures.fake_mnist_dir('finished', num_train=100)
+    logdir = self.create_tempdir().full_path
+    command = [sys.executable, os.path.join(ROOT, 'run.py'), '--hidden=8', '--batch_size=20',
+               '--eval_every=10', '--checkpoint_every=10', '--steps=20', f'--data_dir={data_dir}',
+               f'--logdir={logdir}']
+    subprocess.run(command, cwd=ROOT, capture_output=True, check=True, timeout=300)
+    before = snapshot(logdir)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertIn('is already complete (final_metrics.json); nothing to do', result.stderr)
+    self.assertEqual(snapshot(logdir), before)
+
+
+class FailureReasonTest(tf.test.TestCase):
+
+  def test_tensorflow_internals_stay_out_of_the_line(self):
+    error = tf.errors.ResourceExhaustedError(
+        None, None, '{{function_node __wrapped__SaveV2_dtypes_14_device_/job:localhost/replica:0/'
+        'task:0/device:CPU:0}} /run/checkpoints/ckpt-300_temp/part-00000-of-00001.data-00000-of-'
+        '00001.tempstate3598244129778199082; No space left on device [Op:SaveV2]')
+    self.assertEqual(train.failure_reason(error), 'No space left on device')
+    self.assertEqual(train.failure_reason(OSError(errno.EACCES, 'Permission denied')),
+                     'Permission denied')

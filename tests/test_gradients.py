@@ -12,20 +12,6 @@ from tests import fixtures
 from tests import reference
 
 
-def random_model(hidden, seed, num_inputs=6, num_classes=4):
-  model = model_lib.build_mlp(num_inputs, hidden, num_classes, 'paper', seed)
-  rng = np.random.default_rng(seed)
-  for v in model.trainable_variables:  # nonzero biases exercise their gradients
-    v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
-  return model
-
-
-def batch(seed, size, num_inputs=6, num_classes=4):
-  rng = np.random.default_rng(seed + 100)
-  return (tf.constant(rng.normal(size=(size, num_inputs)), tf.float32),
-          tf.constant(rng.integers(0, num_classes, size), tf.int32))
-
-
 def recorded(model, x, y, scale=1.0):
   """The model's PerExampleGradients of its summed softmax cross-entropy times `scale`."""
   with tf.GradientTape() as tape:
@@ -185,8 +171,8 @@ class PerExampleGradientsTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.product(hidden=[(5,), (7, 3, 5)], size=[1, 3, 16], seed=[0, 1])
   def test_matches_float64_derivation(self, hidden, size, seed):
-    model = random_model(hidden, seed)
-    x, y = batch(seed, size)
+    model = fixtures.random_model(hidden, seed)
+    x, y = fixtures.batch(seed, size)
     expected = reference.mlp_per_example_gradients(
         [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers], x.numpy(),
         y.numpy())
@@ -199,8 +185,8 @@ class PerExampleGradientsTest(parameterized.TestCase, tf.test.TestCase):
   @parameterized.parameters(1, 7)
   def test_a_keras_loss_works(self, size):
     # Keras losses take (y_true, y_pred); with reduction=None they are per-example.
-    model = random_model((5, 4), 2)
-    x, y = batch(2, size)
+    model = fixtures.random_model((5, 4), 2)
+    x, y = fixtures.batch(2, size)
     keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     got = gradients.per_example_gradients(model, keras_loss, x, y)
     expected = reference.mlp_per_example_gradients(
@@ -210,8 +196,8 @@ class PerExampleGradientsTest(parameterized.TestCase, tf.test.TestCase):
       self.assertAllClose(g, e, rtol=1e-4, atol=1e-5)
 
   def test_the_mlp_rules_match_the_mlp_derivation(self):
-    model = random_model((7, 5), 5)
-    x, y = batch(5, 9)
+    model = fixtures.random_model((7, 5), 5)
+    x, y = fixtures.batch(5, 9)
     expected = reference.mlp_per_example_gradients(
         [(layer.kernel.numpy(), layer.bias.numpy()) for layer in model.layers], x.numpy(),
         y.numpy())

@@ -9,6 +9,7 @@ import tempfile
 from absl.testing import parameterized
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import cg_tf.keras
@@ -162,6 +163,7 @@ class LikePlainFitTest(parameterized.TestCase, tf.test.TestCase):
       cg_tf.keras.with_aggregator(model, aggregators.get('winsorize', c=2))
 
 
+@pytest.mark.slow
 class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
   """fit on 1, 2 and 4 logical CPU devices (MirroredStrategy), one process each."""
 
@@ -203,6 +205,7 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
                             msg=f'{n} replicas: {key}')
 
 
+@pytest.mark.slow
 class ExampleTest(tf.test.TestCase):
 
   def test_the_example_trains_a_cnn_with_winsorized_sgd_through_fit(self):
@@ -236,9 +239,8 @@ class TrainingSetRecordTest(tf.test.TestCase):
     from cg_tf import model as model_lib
     from cg_tf import train
     from cg_tf import workdir
-    from tests import test_train
-    dataset = test_train.separable_dataset(num_train=100)
-    config = test_train.tiny_config(noise=0.5, steps=60, eval_every=20, checkpoint_every=20,
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=60, eval_every=20, checkpoint_every=20,
                                     learning_rate=0.5)
     run_dir = self.create_tempdir().full_path
     metrics = train.train_and_evaluate(config, run_dir, dataset)

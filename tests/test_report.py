@@ -9,13 +9,13 @@ import os
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from analysis import claims
 from analysis import reproduce
 from cg_tf.config import Config
 from tests import fixtures
-from tests.test_analysis import run_script
 
 STEPS = 1000
 LOGGED = (*range(11), 100, 200, 300, 400, 500, 900, STEPS)
@@ -216,23 +216,26 @@ class ReportTest(tf.test.TestCase, parameterized.TestCase):
                       'NOT SHOWN (no null worlds were measured (--null_worlds=0))'))
     self.assertIn(' 7 not shown, of 29 checks.', header)
 
+  @pytest.mark.slow
   def test_figure1_table(self):
     runs = ','.join(fixtures.run_path(self.passing, f'label_noise/noise{n:g}')
                     for n in reproduce.NOISES)
-    table = run_script('figure1.py', f'--runs={runs}', f'--out={self.root}/figures/f1.png')
+    table = fixtures.run_script('figure1.py', f'--runs={runs}', f'--out={self.root}/figures/f1.png')
     row = next(line for line in table.splitlines() if line.startswith('| 75% |'))
     # noise, seeds, step to 90%, final train, pristine / corrupt at step 900, best test (step), final test
     self.assertEqual(row, '| 75% | 1 | 300 | 1.0000 | 0.500 / - | 0.9000 (100) | 0.7000 |')
 
+  @pytest.mark.slow
   def test_figure4_table(self):
-    table = run_script('figure4.py', f'--runs={self.passing}/runs/winsorized/n0.5_c*',
+    table = fixtures.run_script('figure4.py', f'--runs={self.passing}/runs/winsorized/n0.5_c*',
                        f'--out={self.root}/figures/f4.png')
     row = next(line for line in table.splitlines() if line.startswith('| 4 | 50% |'))
     # c, noise, seeds, proper, final train, final test, best test, final overfit, corrupt fitted
     self.assertEqual(row, '| 4 | 50% | 1 | 0.550 | 0.450 | 0.800 | 0.850 | 0.200 | 0.250 |')
 
+  @pytest.mark.slow
   def test_figures_2_3_table(self):
-    table = run_script('figures_2_3.py',
+    table = fixtures.run_script('figures_2_3.py',
                        f'--runs={fixtures.run_path(self.passing, "label_noise/noise0.5")}',
                        f'--out_dir={self.root}/figures')
     rows = [line for line in table.splitlines() if line.startswith('| 50% |')]

@@ -9,6 +9,7 @@ import sys
 from unittest import mock
 
 from absl.testing import parameterized
+import pytest
 import tensorflow as tf
 
 from analysis import claims
@@ -17,8 +18,7 @@ from cg_tf import config as config_lib
 from cg_tf import train
 from cg_tf import workdir
 from cg_tf.errors import UserInputError
-from tests import test_analysis
-from tests import test_train
+from tests import fixtures
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +32,7 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
                             ['--devices=0,1', '--parallel=3'], ['--only=no_such_run'],
                             ['--compare_with=/nonexistent/REPORT.md'],
                             ['--report_dir=/proc/cg_tf_report'])
+  @pytest.mark.slow
   def test_bad_input_is_one_line_and_exit_2(self, *bad_flags):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'reproduce.py'),
                              *bad_flags, '--list'], cwd=self.create_tempdir().full_path, capture_output=True,
@@ -99,7 +100,7 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     workdir.save_final_metrics(run_dir.full_path, 3000, {'train/accuracy': 0.5})
     self.assertTrue(workdir.is_finished(run_dir.full_path))
     # Written by another version of cg_tf: still finished, and not read as this version's.
-    test_analysis.add_unknown_setting(run_dir.full_path)
+    fixtures.add_unknown_setting(run_dir.full_path)
     self.assertTrue(workdir.is_finished(run_dir.full_path))
     with self.assertRaisesRegex(UserInputError, r'does not know \(future_setting\)'):
       workdir.read_config(run_dir.full_path)
@@ -122,6 +123,7 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
                      ['label_noise/noise0'] + [f'winsorized/n1_c{c}' for c in (0, 1, 2, 4, 8)])
     self.assertEqual(reproduce.selected(specs, []), specs)
 
+  @pytest.mark.slow
   def test_list_prints_every_command_of_a_shard(self):
     out = self.create_tempdir().full_path
     lines = []
@@ -139,6 +141,7 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
       self.assertRegex(line, r'--logdir=\S+/runs/(label_noise|winsorized|full_batch)/')
     self.assertFalse(os.path.exists(os.path.join(out, 'runs')))
 
+  @pytest.mark.slow
   def test_list_into_a_closed_pipe_is_quiet(self):
     result = subprocess.run(f'{sys.executable} analysis/reproduce.py --scale=full --list | head -1',
                             shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -146,21 +149,22 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertNotIn('Traceback', result.stderr)
 
 
+@pytest.mark.slow
 class PartialReportTest(tf.test.TestCase):
   """--report_only on an OUT where some full-scale runs are finished: tiny real runs stand in."""
 
   def test_report_from_finished_runs_only(self):
     out = self.create_tempdir().full_path
-    dataset = test_train.separable_dataset(num_train=100)
+    dataset = fixtures.separable_dataset(num_train=100)
     # The 100% noise row of Figure 4 finished, one cell of the 50% row unfinished.
     for c in reproduce.CS:
-      train.train_and_evaluate(test_train.tiny_config(noise=1.0, winsor_c=c, steps=20),
+      train.train_and_evaluate(fixtures.tiny_config(noise=1.0, winsor_c=c, steps=20),
                                os.path.join(out, 'runs', f'winsorized/n1_c{c}'), dataset)
     # A second seed of one cell only: the other cells' checks count one seed.
-    train.train_and_evaluate(test_train.tiny_config(noise=1.0, winsor_c=8, steps=20, seed=1),
+    train.train_and_evaluate(fixtures.tiny_config(noise=1.0, winsor_c=8, steps=20, seed=1),
                              os.path.join(out, 'runs', 'winsorized/n1_c8_s1'), dataset)
     unfinished = os.path.join(out, 'runs', 'winsorized/n0.5_c2')
-    train.train_and_evaluate(test_train.tiny_config(noise=0.5, winsor_c=2, steps=10), unfinished,
+    train.train_and_evaluate(fixtures.tiny_config(noise=0.5, winsor_c=2, steps=10), unfinished,
                              dataset)
     # As if killed at step 10 of 20.
     longer = dataclasses.replace(workdir.read_config(unfinished), steps=20)
@@ -202,6 +206,7 @@ class PartialReportTest(tf.test.TestCase):
     self.assertIn('![figure4_full.png](figure4_full.png)', text)
 
 
+@pytest.mark.slow
 class StepTimesTest(tf.test.TestCase):
   """The aggregator tables' step-time column: bench_step.py --csv, run by reproduce.py."""
 
@@ -225,8 +230,8 @@ class StepTimesTest(tf.test.TestCase):
     # l2clip at C = 10 shares the measured step of C = 1.
     run_dir = os.path.join(out, 'runs', 'aggregators', 'n0.5_l2clip_C10')
     train.train_and_evaluate(
-        test_train.tiny_config(noise=0.5, aggregator='l2clip', clip_norm=10.0, steps=20), run_dir,
-        test_train.separable_dataset(num_train=100))
+        fixtures.tiny_config(noise=0.5, aggregator='l2clip', clip_norm=10.0, steps=20), run_dir,
+        fixtures.separable_dataset(num_train=100))
     report_dir = os.path.join(out, 'docs')
     os.makedirs(report_dir)
     self.assertEqual(reproduce.draw_figures(out, 1, ['aggregators'], report_dir, 'mini'),

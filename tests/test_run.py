@@ -9,10 +9,11 @@ import time
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 from tbparse import SummaryReader
 
-from tests import test_data
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ['--hidden=32', '--batch_size=50', '--eval_every=100', '--checkpoint_every=100',
@@ -33,12 +34,13 @@ def scalars(logdir):
   return frame.drop_duplicates(['tag', 'step'], keep='last').set_index(['tag', 'step'])['value']
 
 
+@pytest.mark.slow
 class RunTest(parameterized.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.data_dir = test_data.fake_mnist_dir('run', num_train=500)
+    cls.data_dir = fixtures.fake_mnist_dir('run', num_train=500)
 
   def test_writes_events_examples_and_checkpoints(self):
     logdir = self.create_tempdir().full_path

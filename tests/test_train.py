@@ -10,52 +10,24 @@ import tensorflow as tf
 from cg_tf import data
 from cg_tf import train
 from cg_tf import workdir as workdir_lib
-from cg_tf.config import Config
 from cg_tf.errors import UserInputError
 from tests import reference
-
-
-def separable_dataset(num_train=200, num_test=100, dims=12, seed=0):
-  """Ten Gaussian clusters, far apart: learnable to 100% by a small MLP."""
-  rng = np.random.default_rng(seed)
-  centres = rng.normal(0, 3, (10, dims))
-
-  def draw(n):
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    return (centres[labels] + rng.normal(0, 0.5, (n, dims))).astype(np.float32), labels
-
-  return data.Dataset(*draw(num_train), *draw(num_test))
-
-
-def tiny_config(**overrides):
-  settings = dict(hidden=(16,), batch_size=20, steps=20, eval_every=10, checkpoint_every=10,
-                  learning_rate=0.1, eval_batch_size=64)
-  settings.update(overrides)
-  return Config(**settings)
-
-
-def final_weights(config, dataset, workdir):
-  train.train_and_evaluate(config, workdir, dataset)
-  restored = train.Experiment(config, data.make_noisy(dataset, config.train_size, config.noise,
-                                                       config.noise_seed))
-  tf.train.Checkpoint(model=restored.model).read(
-      tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))).expect_partial()
-  return [v.numpy() for v in restored.model.trainable_variables]
+from tests import fixtures
 
 
 class TrainTest(parameterized.TestCase, tf.test.TestCase):
 
   def test_fits_a_separable_problem(self):
-    dataset = separable_dataset()
-    metrics = train.train_and_evaluate(tiny_config(steps=300, eval_every=100),
+    dataset = fixtures.separable_dataset()
+    metrics = train.train_and_evaluate(fixtures.tiny_config(steps=300, eval_every=100),
                                        self.create_tempdir().full_path, dataset)
     self.assertEqual(metrics['train/accuracy'], 1.0)
     self.assertGreater(metrics['test/accuracy'], 0.9)
 
   def test_memorises_noisy_labels_and_records_learning_times(self):
-    dataset = separable_dataset(num_train=100)
+    dataset = fixtures.separable_dataset(num_train=100)
     workdir = self.create_tempdir().full_path
-    config = tiny_config(hidden=(64,), noise=0.5, steps=1500, eval_every=500, batch_size=0,
+    config = fixtures.tiny_config(hidden=(64,), noise=0.5, steps=1500, eval_every=500, batch_size=0,
                          learning_rate=0.5)
     metrics = train.train_and_evaluate(config, workdir, dataset)
     self.assertEqual(metrics['train/accuracy'], 1.0)
@@ -69,8 +41,8 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.parameters('fast', 'xla', 'cpu_kernel', 'reference')
   def test_one_winsorized_step_matches_numpy(self, impl):
-    dataset = separable_dataset(num_train=40)
-    config = tiny_config(hidden=(8, 6), winsor_c=10, winsor_impl=impl, batch_size=40,
+    dataset = fixtures.separable_dataset(num_train=40)
+    config = fixtures.tiny_config(hidden=(8, 6), winsor_c=10, winsor_impl=impl, batch_size=40,
                          learning_rate=0.3)
     experiment = train.Experiment(config, data.make_noisy(dataset, 0, 0.0, 0))
     weights = [(layer.kernel.numpy(), layer.bias.numpy()) for layer in experiment.model.layers]
@@ -87,18 +59,18 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
   def test_winsorizing_nothing_is_plain_sgd(self, impl):
     # With a batch of 20, c = 1 puts the percentiles at ranks round(0.19) = 0 and
     # 19: nothing is clipped, but the per-example machinery runs.
-    dataset = separable_dataset(num_train=100)
-    plain = final_weights(tiny_config(), dataset, self.create_tempdir().full_path)
-    winsorized = final_weights(tiny_config(winsor_c=1, winsor_impl=impl), dataset,
+    dataset = fixtures.separable_dataset(num_train=100)
+    plain = fixtures.final_weights(fixtures.tiny_config(), dataset, self.create_tempdir().full_path)
+    winsorized = fixtures.final_weights(fixtures.tiny_config(winsor_c=1, winsor_impl=impl), dataset,
                                self.create_tempdir().full_path)
     for p, w in zip(plain, winsorized):
       self.assertAllClose(p, w, rtol=1e-4, atol=1e-5)
 
   def test_fast_path_equals_reference_in_training(self):
-    dataset = separable_dataset(num_train=100)
-    fast = final_weights(tiny_config(winsor_c=10, noise=0.5), dataset,
+    dataset = fixtures.separable_dataset(num_train=100)
+    fast = fixtures.final_weights(fixtures.tiny_config(winsor_c=10, noise=0.5), dataset,
                          self.create_tempdir().full_path)
-    ref = final_weights(tiny_config(winsor_c=10, noise=0.5, winsor_impl='reference'), dataset,
+    ref = fixtures.final_weights(fixtures.tiny_config(winsor_c=10, noise=0.5, winsor_impl='reference'), dataset,
                         self.create_tempdir().full_path)
     for f, r in zip(fast, ref):
       self.assertAllClose(f, r, rtol=1e-4, atol=1e-5)
@@ -106,8 +78,8 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
   @parameterized.parameters({'winsor_c': 2}, {'winsor_c': 8},
                             {'aggregator': 'trimmed_mean', 'trim_k': 4})
   def test_cpu_kernel_and_xla_train_the_same_bits(self, **settings):
-    dataset = separable_dataset(num_train=200)
-    runs = [final_weights(tiny_config(hidden=(16, 8), batch_size=100, noise=0.5,
+    dataset = fixtures.separable_dataset(num_train=200)
+    runs = [fixtures.final_weights(fixtures.tiny_config(hidden=(16, 8), batch_size=100, noise=0.5,
                                       winsor_impl=impl, **settings),
                           dataset, self.create_tempdir().full_path)
             for impl in ('cpu_kernel', 'xla')]
@@ -115,17 +87,17 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
       self.assertAllEqual(by_kernel.view(np.int32), by_xla.view(np.int32))
 
   def test_same_config_same_numbers(self):
-    dataset = separable_dataset()
-    a = final_weights(tiny_config(noise=0.3), dataset, self.create_tempdir().full_path)
-    b = final_weights(tiny_config(noise=0.3), dataset, self.create_tempdir().full_path)
-    c = final_weights(tiny_config(noise=0.3, seed=1), dataset, self.create_tempdir().full_path)
+    dataset = fixtures.separable_dataset()
+    a = fixtures.final_weights(fixtures.tiny_config(noise=0.3), dataset, self.create_tempdir().full_path)
+    b = fixtures.final_weights(fixtures.tiny_config(noise=0.3), dataset, self.create_tempdir().full_path)
+    c = fixtures.final_weights(fixtures.tiny_config(noise=0.3, seed=1), dataset, self.create_tempdir().full_path)
     for x, y in zip(a, b):
       self.assertAllEqual(x, y)
     self.assertNotAllClose(a[0], c[0])
 
   def test_full_batch_sees_every_example_each_step(self):
-    dataset = separable_dataset(num_train=50)
-    experiment = train.Experiment(tiny_config(batch_size=0), data.make_noisy(dataset, 0, 0, 0))
+    dataset = fixtures.separable_dataset(num_train=50)
+    experiment = train.Experiment(fixtures.tiny_config(batch_size=0), data.make_noisy(dataset, 0, 0, 0))
     self.assertEqual((experiment.batch_size, experiment.steps_per_epoch), (50, 1))
 
   def test_dead_units_match_numpy(self):
@@ -133,12 +105,12 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     # 4 batches. In layer 1, unit 0 fires for the last image alone (its only
     # input is feature 0, which is 1 there and 0 elsewhere), units 1-3 for
     # none (bias -1000); the rest, and layer 2, are whatever they are.
-    dataset = separable_dataset(num_train=200)
+    dataset = fixtures.separable_dataset(num_train=200)
     images = dataset.train_images.copy()
     images[:, 0] = 0.0
     images[-1, 0] = 1.0
     dataset = dataclasses.replace(dataset, train_images=images)
-    experiment = train.Experiment(tiny_config(hidden=(16, 8)), data.make_noisy(dataset, 0, 0, 0))
+    experiment = train.Experiment(fixtures.tiny_config(hidden=(16, 8)), data.make_noisy(dataset, 0, 0, 0))
     first = experiment.model.layers[0]
     kernel, bias = first.kernel.numpy(), first.bias.numpy()
     kernel[:, 0] = 0.0
@@ -164,8 +136,8 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     # TensorFlow's in-memory filesystem stands in for gs://: every file of the
     # run goes through tf.io.gfile, and the readers read it back.
     workdir = f'ram://cg_tf/{self.id()}/run'
-    dataset = separable_dataset(num_train=100)
-    config = tiny_config(noise=0.5, steps=20, decomp_every=10)
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=20, decomp_every=10)
     metrics = train.train_and_evaluate(config, workdir, dataset)
     self.assertTrue(workdir_lib.is_finished(workdir))
     self.assertEqual(workdir_lib.read_config(workdir), config)
@@ -175,4 +147,4 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
                            metrics['train/accuracy'], places=6)
     self.assertTrue(tf.train.latest_checkpoint(f'{workdir}/checkpoints'))
     with self.assertRaisesRegex(UserInputError, 'holds a run with other settings'):
-      workdir_lib.prepare(workdir, tiny_config(noise=0.25, steps=20))
+      workdir_lib.prepare(workdir, fixtures.tiny_config(noise=0.25, steps=20))

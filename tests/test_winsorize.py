@@ -7,6 +7,7 @@ import sys
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -86,6 +87,7 @@ class WinsorizeTest(parameterized.TestCase, tf.test.TestCase):
     self.assertEqual(winsorize.nearest_ranks(c, batch), (int(low), int(high)))
 
 
+@pytest.mark.slow
 class NetworkTest(parameterized.TestCase, tf.test.TestCase):
   """The sorting and merging networks of the fast path (winsorize._sort, _merge)."""
 
@@ -127,6 +129,7 @@ class NetworkTest(parameterized.TestCase, tf.test.TestCase):
       self.assertEqual([len(side) for side in by_merging], [num_largest, num_smallest])
 
 
+@pytest.mark.slow
 class AuthorsRuleTest(tf.test.TestCase):
 
   def test_the_benchmarked_authors_rule_computes_the_fast_path(self):
