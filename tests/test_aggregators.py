@@ -5,6 +5,7 @@ import re
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cg_tf import aggregators
@@ -289,10 +290,12 @@ class InTheLoopTest(parameterized.TestCase, tf.test.TestCase):
     self.assertGreater(z.size, 1000)
     self.assertAllClose([z.mean(), z.std()], [0.0, 1.0], atol=0.06)
 
+  @pytest.mark.slow  # trains
   @parameterized.named_parameters(
       ('dp', {'aggregator': 'dp', 'clip_norm': 0.05, 'noise_multiplier': 1.0}),
       ('rm3', {'aggregator': 'rm3'}),
       ('m3', {'aggregator': 'm3'}),
+      ('ra3', {'aggregator': 'ra3'}),
       ('trimmed_mean', {'aggregator': 'trimmed_mean', 'trim_k': 2}),
   )
   def test_a_resumed_run_has_the_same_bits(self, settings):

@@ -6,6 +6,7 @@ import os
 from absl.testing import parameterized
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cg_tf import coherence
@@ -207,6 +208,7 @@ class TrainingTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllEqual(record['last_correct'],
                         [int(previous[e]) if e in previous else -1 for e in range(60)])
 
+  @pytest.mark.slow  # trains
   def test_recorded_during_training_and_resumed(self):
     dataset = fixtures.separable_dataset(num_train=150)
     config = fixtures.tiny_config(noise=0.5, steps=30, coherence_every=10,

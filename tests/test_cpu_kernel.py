@@ -123,22 +123,33 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
 
   @absltest.skipUnless(platform.machine() == 'x86_64', 'x86-64 instruction sets')
   @pytest.mark.slow
-  def test_same_bits_when_compiled_for_an_older_cpu(self):
+  @parameterized.parameters('-march=x86-64', '-march=haswell')
+  def test_same_bits_when_compiled_for_an_older_cpu(self, march):
     # The kernel's vectors are as wide as the CPU's registers: 4 floats on
-    # baseline x86-64 (SSE2), where this machine may use 8 or 16.
-    script = '''
+    # baseline x86-64 (SSE2) and 8 on AVX2 (haswell), where this machine may
+    # use 8 or 16. Each build must give the XLA network's bits for every sum
+    # the kernel serves: winsorized, trimmed, and the median.
+    script = f'''
 import numpy as np
-from cg_tf import cpu_kernel, winsorize
+from cg_tf import aggregators, cpu_kernel, winsorize
 from tests import fixtures
-cpu_kernel.NATIVE_FLAGS = ('-march=x86-64',)
+cpu_kernel.NATIVE_FLAGS = ({march!r},)
 assert cpu_kernel.unavailable_reason() is None, cpu_kernel.unavailable_reason()
+bits = lambda x: np.asarray(x).view(np.int32)
 for kind in ('ties', 'blank_rows'):
+  a, d = fixtures.layer_factors(kind, 100, 21, 13, seed=7)
   for c in (2.0, 8.0):
-    a, d = fixtures.layer_factors(kind, 100, 21, 13, seed=7)
     x = winsorize.winsorized_outer_sum_and_count(a, d, c, backend='xla')
     k = winsorize.winsorized_outer_sum_and_count(a, d, c, backend='cpu_kernel')
-    assert np.array_equal(np.asarray(x[0]).view(np.int32), np.asarray(k[0]).view(np.int32))
+    assert np.array_equal(bits(x[0]), bits(k[0])), ('winsorized', kind, c)
     assert int(x[1]) == int(k[1]), (kind, c)
+  for trim in (1, 4):
+    x = winsorize.trimmed_outer_sum(a, d, trim, backend='xla')
+    k = winsorize.trimmed_outer_sum(a, d, trim, backend='cpu_kernel')
+    assert np.array_equal(bits(x), bits(k)), ('trimmed', kind, trim)
+  x = aggregators.outer_median(a, d, 'xla')
+  k = aggregators.outer_median(a, d, 'cpu_kernel')
+  assert np.array_equal(bits(x), bits(k)), ('median', kind)
 print('same bits')
 '''
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
@@ -146,6 +157,28 @@ print('same bits')
                             env=dict(os.environ, CG_TF_CACHE=self.create_tempdir().full_path))
     self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     self.assertEqual(result.stdout.strip().splitlines()[-1], 'same bits')
+
+  @pytest.mark.slow
+  def test_a_compiler_that_refuses_the_cpu_flag_builds_without_it(self):
+    # Some compilers (or CPUs they do not know) reject -march=native; the
+    # build then retries without it, and the kernel still gives XLA's bits.
+    script = '''
+import numpy as np
+from cg_tf import cpu_kernel, winsorize
+from tests import fixtures
+cpu_kernel.NATIVE_FLAGS = ('-march=no-such-cpu',)
+assert cpu_kernel.unavailable_reason() is None, cpu_kernel.unavailable_reason()
+a, d = fixtures.layer_factors('ties', 100, 21, 13, seed=7)
+x = winsorize.winsorized_outer_sum_and_count(a, d, 2.0, backend='xla')
+k = winsorize.winsorized_outer_sum_and_count(a, d, 2.0, backend='cpu_kernel')
+assert np.array_equal(np.asarray(x[0]).view(np.int32), np.asarray(k[0]).view(np.int32))
+print('built without it')
+'''
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600,
+                            env=dict(os.environ, CG_TF_CACHE=self.create_tempdir().full_path))
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    self.assertEqual(result.stdout.strip().splitlines()[-1], 'built without it')
 
   @pytest.mark.slow
   def test_an_unwritable_cache_builds_for_the_process_alone(self):

@@ -4,6 +4,7 @@ import os
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cg_tf import data
@@ -71,6 +72,7 @@ class DecompositionTest(parameterized.TestCase, tf.test.TestCase):
     self.assertFalse(any(np.array_equal(n, corrupt) for n in nulls))
     np.testing.assert_array_equal(nulls, decomposition.null_designations(corrupt, 5, seed=0))
 
+  @pytest.mark.slow  # trains
   def test_recorded_during_training_and_resumed(self):
     dataset = fixtures.separable_dataset(num_train=150)
     config = fixtures.tiny_config(noise=0.5, steps=30, decomp_every=10, decomp_dense_steps=4,

@@ -71,6 +71,10 @@ CASES = {
     'trimmed_mean': {'aggregator': 'trimmed_mean', 'trim_k': 3},
     'dp': {'aggregator': 'dp', 'clip_norm': 0.5, 'noise_multiplier': 1.0},
     'rm3': {'aggregator': 'rm3'},
+    'm3': {'aggregator': 'm3'},
+    'ra3': {'aggregator': 'ra3'},
+    'median': {'aggregator': 'median'},
+    'l2clip': {'aggregator': 'l2clip', 'clip_norm': 0.5},
 }
 
 

@@ -222,14 +222,15 @@ class DamagedRunTest(parameterized.TestCase, tf.test.TestCase):
                      r'\(ckpt-20, ckpt-10, ckpt-0\); restore them from a copy')
     self.assertNotIn('Traceback', result.stderr)
 
-  @parameterized.product(
-      name=(workdir_lib.CONFIG_FILE, workdir_lib.FLAGS_FILE, workdir_lib.EXAMPLES_FILE,
-            workdir_lib.DECOMPOSITION_FILE, workdir_lib.COHERENCE_FILE,
-            workdir_lib.FINAL_METRICS_FILE),
-      how=('truncated', 'random'))
+  # flags.txt is for people to read: a cut copy is a shorter list of flags, not damage.
+  @parameterized.parameters(
+      (name, how)
+      for name in (workdir_lib.CONFIG_FILE, workdir_lib.FLAGS_FILE, workdir_lib.EXAMPLES_FILE,
+                   workdir_lib.DECOMPOSITION_FILE, workdir_lib.COHERENCE_FILE,
+                   workdir_lib.FINAL_METRICS_FILE)
+      for how in ('truncated', 'random')
+      if (name, how) != (workdir_lib.FLAGS_FILE, 'truncated'))
   def test_a_damaged_record_is_one_line_and_changes_nothing(self, name, how):
-    if name == workdir_lib.FLAGS_FILE and how == 'truncated':
-      self.skipTest('flags.txt is for people to read: a cut copy is a shorter list of flags')
     if not hasattr(type(self), 'finished'):
       data_dir = fixtures.fake_mnist_dir('records', num_train=100)
       logdir = os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'records_{os.getpid()}')

@@ -5,6 +5,7 @@ import os
 
 from absl.testing import parameterized
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from cg_tf import data
@@ -24,6 +25,7 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     self.assertEqual(metrics['train/accuracy'], 1.0)
     self.assertGreater(metrics['test/accuracy'], 0.9)
 
+  @pytest.mark.slow  # trains
   def test_memorises_noisy_labels_and_records_learning_times(self):
     dataset = fixtures.separable_dataset(num_train=100)
     workdir = self.create_tempdir().full_path
@@ -75,6 +77,7 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     for f, r in zip(fast, ref):
       self.assertAllClose(f, r, rtol=1e-4, atol=1e-5)
 
+  @pytest.mark.slow  # trains
   @parameterized.parameters({'winsor_c': 2}, {'winsor_c': 8},
                             {'aggregator': 'trimmed_mean', 'trim_k': 4})
   def test_cpu_kernel_and_xla_train_the_same_bits(self, **settings):
