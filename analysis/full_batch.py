@@ -94,11 +94,11 @@ def summary_table(gd, sgd, sgd_per_epoch):
       scalars = plotting.mean_over_seeds(seeds)
       step = claims.first_step_reaching(scalars['train/accuracy'], 0.9)
       divisor = 1 if per_epoch is None else per_epoch[i][0]
-      epoch = '-' if step is None else f'{step / divisor:g}'
+      epoch = '-' if step is None else f'{step / divisor:.4g}'
       test = scalars['test/accuracy'].dropna()
       rows.append(f'| {noise:.0%} | {name} | {len(seeds)} | {"never" if step is None else step} | '
                   f'{epoch} | {scalars["train/accuracy"].iloc[-1]:.4f} | '
-                  f'{test.max():.4f} ({test.idxmax() / divisor:g}) | {test.iloc[-1]:.4f} |')
+                  f'{test.max():.4f} ({test.idxmax() / divisor:.4g}) | {test.iloc[-1]:.4f} |')
   return '\n'.join(rows)
 
 

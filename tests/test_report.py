@@ -53,6 +53,12 @@ FAILING = {
 
 def plant(out, plan, tag=''):
   """Writes the label-noise and winsorized runs of one seed of the full-scale report."""
+  plant_label_noise(out, plan, lambda noise: f'label_noise/noise{noise:g}{tag}')
+  plant_winsorized(out, plan, tag)
+
+
+def plant_label_noise(out, plan, name, **settings):
+  """Writes Figure 1's five runs, run `noise` into runs/<name(noise)>, with Config `settings`."""
   for noise in reproduce.NOISES:
     reach, final = plan['reach'][noise], plan['final_train'][noise]
     scalars = {
@@ -71,9 +77,13 @@ def plant(out, plan, tag=''):
       decomposition = fixtures.decomposition_record(
           DECOMPOSITION_STEPS, np.stack([plan['f_actual'], *plan['f_nulls']], axis=1), corrupt,
           sampled_offset=0.05)
-    fixtures.write_run(fixtures.run_path(out, f'label_noise/noise{noise:g}{tag}'),
-                       Config(noise=noise, steps=STEPS), scalars,
+    fixtures.write_run(fixtures.run_path(out, name(noise)),
+                       Config(noise=noise, steps=STEPS, **settings), scalars,
                        fixtures.examples_record(corrupt, first), decomposition)
+
+
+def plant_winsorized(out, plan, tag=''):
+  """Writes Figure 4's 25 runs."""
   for noise in reproduce.NOISES:
     proper = claims.proper_accuracy(noise)
     for c in reproduce.CS:
@@ -90,15 +100,21 @@ def plant(out, plan, tag=''):
                          scalars)
 
 
-def report_rows(out, seeds=1):
-  """{claim: (measured, verdict)} of the report on OUT, and its header line."""
+def report_table(out, seeds=1, experiments=EXPERIMENTS):
+  """The rows of the report on OUT as [section, claim, quantity, measured, verdict], and its
+  header line."""
   report_dir = os.path.join(out, 'docs')
   os.makedirs(report_dir, exist_ok=True)
-  text = reproduce.write_report(out, seeds, EXPERIMENTS, 'full', report_dir, [], 0, 0)
-  rows = {row[1]: (row[3], row[4]) for row in
-          [[cell.strip() for cell in line.strip('|').split('|')] for line in text.splitlines()
-           if line.startswith('| ')] if row[0] != '§'}
-  return rows, text.splitlines()[2]
+  text = reproduce.write_report(out, seeds, experiments, 'full', report_dir, [], 0, 0)
+  rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in text.splitlines()
+          if line.startswith('| ')]
+  return [row for row in rows if row[0] != '§'], text.splitlines()[2]
+
+
+def report_rows(out, seeds=1):
+  """{claim: (measured, verdict)} of the report on OUT, and its header line."""
+  rows, header = report_table(out, seeds)
+  return {row[1]: (row[3], row[4]) for row in rows}, header
 
 
 EXPECTED_PASS = {
@@ -242,3 +258,49 @@ class ReportTest(tf.test.TestCase, parameterized.TestCase):
     # noise, seeds, world, f^p at 0, crossing step, mean |sampled - exact|, seconds a measurement
     self.assertEqual(rows[0], '| 50% | 1 | actual | 0.900 | 3 | 0.050 | 0.50 |')
     self.assertEqual(rows[1], '| 50% | 1 | null 1 | 0.700 | None | 0.050 | 0.50 |')
+
+
+class FullBatchReportTest(tf.test.TestCase):
+  """§4's rows: Figure 1's claims for full-batch GD, each beside the same claim for SGD."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.out = os.path.join(os.environ.get('TEST_TMPDIR', '/tmp'), f'cg_tf_report_gd_{os.getpid()}')
+    plant_label_noise(cls.out, PASSING, lambda noise: f'full_batch/gd_noise{noise:g}',
+                      batch_size=0)
+    # Minibatches of 10 of the 20 examples: two steps an epoch.
+    plant_label_noise(cls.out, FAILING, lambda noise: f'full_batch/sgd_noise{noise:g}',
+                      batch_size=10)
+
+  def test_each_gd_row_beside_its_sgd_row_with_its_own_verdict(self):
+    rows, header = report_table(self.out, experiments=('full_batch',))
+    gd_rows, sgd_rows = rows[0::2], rows[1::2]
+    self.assertLen(gd_rows, 12)  # §2.3's and §2.4's claims but the one on fewer pristine examples
+    self.assertLen(sgd_rows, 12)
+    self.assertEqual({row[0] for row in rows}, {'4'})
+    for gd, sgd in zip(gd_rows, sgd_rows):
+      self.assertEndsWith(gd[1], ' (full-batch GD)')
+      self.assertEqual(sgd[1], gd[1].replace(' (full-batch GD)', ' (SGD)'))
+      self.assertEqual(gd[4], 'PASS', gd)
+      self.assertEqual(sgd[4], 'FAIL', sgd)
+    gd = {row[1]: row[3] for row in gd_rows}
+    self.assertEqual(gd['f^p starts above f^c and crosses (50%) (full-batch GD)'],
+                     'f^p(0) = 0.900, f^c(0) = 0.100; crossing at step 3')
+    self.assertEqual({row[1]: row[3] for row in sgd_rows}[
+        'time to a given training accuracy grows with noise (SGD)'],
+        'step to 90% train acc: 0%: 400, 25%: 300, 50%: 200, 75%: 100, 100%: 10')
+    self.assertStartsWith(header, '12 pass, 0 pass trivially, 12 fail, 0 not shown, of 24 checks.')
+
+  @pytest.mark.slow
+  def test_full_batch_table(self):
+    runs = ','.join(fixtures.run_path(self.out, f'full_batch/{method}_noise{n:g}')
+                    for n in reproduce.NOISES for method in ('gd', 'sgd'))
+    table = fixtures.run_script('full_batch.py', f'--runs={runs}',
+                                f'--out={self.out}/figures/full_batch.png')
+    rows = [line for line in table.splitlines() if line.startswith('| 75% |')]
+    # noise, optimizer, seeds, step to 90% train acc, ... in epochs, final train acc,
+    # best test acc (epoch), final test acc
+    self.assertEqual(rows, [
+        '| 75% | full-batch GD | 1 | 300 | 300 | 1.0000 | 0.9000 (100) | 0.7000 |',
+        '| 75% | SGD | 1 | 100 | 50 | 1.0000 | 0.9000 (100) | 0.9000 |'])
