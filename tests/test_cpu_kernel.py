@@ -121,6 +121,14 @@ class CpuKernelTest(parameterized.TestCase, tf.test.TestCase):
     self.assertTrue(os.path.exists(library), library)
     self.assertEqual(os.path.dirname(library), cpu_kernel.cache_dir())
 
+  def run_with_own_cache(self, script):
+    """Runs `script` in a fresh Python with an empty kernel cache; its last line of output."""
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600,
+                            env=dict(os.environ, CG_TF_CACHE=self.create_tempdir().full_path))
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    return result.stdout.strip().splitlines()[-1]
+
   @absltest.skipUnless(platform.machine() == 'x86_64', 'x86-64 instruction sets')
   @pytest.mark.slow
   @parameterized.parameters('-march=x86-64', '-march=haswell')
@@ -152,11 +160,7 @@ for kind in ('ties', 'blank_rows'):
   assert np.array_equal(bits(x), bits(k)), ('median', kind)
 print('same bits')
 '''
-    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600,
-                            env=dict(os.environ, CG_TF_CACHE=self.create_tempdir().full_path))
-    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-    self.assertEqual(result.stdout.strip().splitlines()[-1], 'same bits')
+    self.assertEqual(self.run_with_own_cache(script), 'same bits')
 
   @pytest.mark.slow
   def test_a_compiler_that_refuses_the_cpu_flag_builds_without_it(self):
@@ -174,11 +178,7 @@ k = winsorize.winsorized_outer_sum_and_count(a, d, 2.0, backend='cpu_kernel')
 assert np.array_equal(np.asarray(x[0]).view(np.int32), np.asarray(k[0]).view(np.int32))
 print('built without it')
 '''
-    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600,
-                            env=dict(os.environ, CG_TF_CACHE=self.create_tempdir().full_path))
-    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-    self.assertEqual(result.stdout.strip().splitlines()[-1], 'built without it')
+    self.assertEqual(self.run_with_own_cache(script), 'built without it')
 
   @pytest.mark.slow
   def test_an_unwritable_cache_builds_for_the_process_alone(self):
