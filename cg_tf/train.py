@@ -545,6 +545,18 @@ class RunFiles:
         experiment.checkpoint(), distribute.checkpoint_dir(workdir, strategy), max_to_keep=3)
     self.writer = (tf.summary.create_file_writer(workdir) if self.chief else
                    tf.summary.create_noop_writer())
+    if self.chief:
+      self.remove_partial_writes()
+
+  def remove_partial_writes(self) -> None:
+    """Deletes what an interrupted write left: TensorFlow writes `checkpoint`,
+    records and checkpoint shards to temporary names first and renames them
+    when complete, so these names never hold anything finished."""
+    checkpoints = os.path.join(self.workdir, 'checkpoints')
+    for leftover in (tf.io.gfile.glob(os.path.join(self.workdir, '*.tmp*')) +
+                     tf.io.gfile.glob(os.path.join(checkpoints, '*.tmp*')) +
+                     tf.io.gfile.glob(os.path.join(checkpoints, '*_temp*'))):
+      (tf.io.gfile.rmtree if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove)(leftover)
 
   def last_checkpoint(self) -> Optional[str]:
     return tf.train.latest_checkpoint(os.path.join(self.workdir, 'checkpoints'))
@@ -555,9 +567,8 @@ class RunFiles:
       action()
     except (OSError, tf.errors.OpError) as e:
       reason = failure_reason(e)
-      for leftover in (tf.io.gfile.glob(os.path.join(self.workdir, '*.tmp*')) +
-                       tf.io.gfile.glob(os.path.join(self.workdir, 'checkpoints', '*_temp*'))):
-        (tf.io.gfile.rmtree if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove)(leftover)
+      if self.chief:
+        self.remove_partial_writes()
       raise WriteFailed(
           f'could not write {path} at step {self.experiment.step} ({reason}). '
           f'The last good checkpoint is {self.last_checkpoint() or "none"}; free space or '

@@ -10,7 +10,8 @@ after another, each in WORKDIR/name:
 N = 1 is the default strategy (one device). Each run trains (or resumes), then
 writes the final model weights, per-example learning steps and forgetting
 counts, as checkpointed, to WORKDIR/name/weights.npz. The last line printed is
-one JSON object {name: final metrics}.
+one JSON object {name: final metrics and resumed_from, the step of the
+checkpoint it started from (0 for none)}.
 
 A case with "fit": {"aggregator": NAME, ...settings} instead trains the zoo's
 convolutional model (tests/fixtures.py) through cg_tf.keras.with_aggregator
@@ -69,8 +70,10 @@ def main():
       final_metrics[name] = fit(strategy, overrides['fit'], run_dir)
       continue
     config = Config(**{**SETTINGS, **overrides})
+    checkpoint = tf.train.latest_checkpoint(os.path.join(run_dir, 'checkpoints'))
     final_metrics[name] = train.train_and_evaluate(config, run_dir, fixtures.separable_dataset(),
                                                    strategy)
+    final_metrics[name]['resumed_from'] = int(checkpoint.rsplit('-', 1)[1]) if checkpoint else 0
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(os.path.join(run_dir,
                                                                               'checkpoints')))
     np.savez(os.path.join(run_dir, 'weights.npz'),

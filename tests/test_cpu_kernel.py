@@ -222,10 +222,6 @@ class WithoutCompilerTest(tf.test.TestCase):
                      r' \(no C\+\+ compiler.*use --winsor_impl=xla')
 
 
-if __name__ == '__main__':
-  tf.test.main()
-
-
 @pytest.mark.slow
 class BuildCommandTest(tf.test.TestCase):
 
@@ -252,3 +248,7 @@ class BuildCommandTest(tf.test.TestCase):
     missing = self.build(self.create_tempdir().full_path, CXX='no-such-compiler')
     self.assertEqual(missing.returncode, 1)
     self.assertIn('no C++ compiler: no-such-compiler is not on the PATH', missing.stderr)
+
+
+if __name__ == '__main__':
+  tf.test.main()

@@ -132,16 +132,12 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
     self.assertIn(f'taking over {lock} from pid {first.pid}, which is no longer running', stderr)
     self.assertFalse(os.path.exists(lock))
 
-  def test_a_failed_write_is_one_error_and_the_rerun_resumes(self):
-    dataset = fixtures.separable_dataset(num_train=100)
-    config = fixtures.tiny_config(noise=0.5, steps=40)
-    whole = self.create_tempdir().full_path
-    train.train_and_evaluate(config, whole, dataset)
-
+  def disk_full_at_step_30(self, config, dataset):
+    """A run in a fresh directory whose write at step 30 fails: (its directory, the error)."""
     logdir = self.create_tempdir().full_path
     save_examples = workdir_lib.save_examples
 
-    def disk_full_at_step_30(workdir, record):
+    def save_or_fail(workdir, record):
       # Evaluations at 20, 30, ...: the first write after ckpt-20 is step 30's.
       if os.path.exists(os.path.join(workdir, 'checkpoints', 'ckpt-20.index')):
         with open(os.path.join(workdir, 'examples.npz.tmp'), 'wb') as f:
@@ -149,15 +145,46 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
       save_examples(workdir, record)
 
-    with mock.patch.object(workdir_lib, 'save_examples', disk_full_at_step_30):
+    with mock.patch.object(workdir_lib, 'save_examples', save_or_fail):
       with self.assertRaises(WriteFailed) as caught:
         train.train_and_evaluate(config, logdir, dataset)
-    self.assertRegex(str(caught.exception),
+    return logdir, caught.exception
+
+  def test_a_failed_write_is_one_error_and_the_rerun_resumes(self):
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=40)
+    whole = self.create_tempdir().full_path
+    train.train_and_evaluate(config, whole, dataset)
+
+    logdir, error = self.disk_full_at_step_30(config, dataset)
+    self.assertRegex(str(error),
                      r'^could not write .*examples\.npz at step 30 \(No space left on device\)\. '
                      r'The last good checkpoint is .*ckpt-20; free space or restore access, '
                      r'then rerun the same command to resume from it$')
     self.assertFalse(os.path.exists(os.path.join(logdir, 'examples.npz.tmp')))
     train.train_and_evaluate(config, logdir, dataset)
+    self.assert_same_final_state(whole, logdir)
+
+  def test_what_a_kill_mid_write_leaves_is_removed_on_resume(self):
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=40)
+    whole = self.create_tempdir().full_path
+    train.train_and_evaluate(config, whole, dataset)
+
+    logdir, _ = self.disk_full_at_step_30(config, dataset)
+    checkpoints = os.path.join(logdir, 'checkpoints')
+    # The names TensorFlow writes before renaming: the `checkpoint` state
+    # file, a checkpoint's shards, and a record of cg_tf's.
+    leftovers = [os.path.join(checkpoints, 'checkpoint.tmp3f2a9c0d1e8b47f6a5c4d3e2f1a0b9c8'),
+                 os.path.join(checkpoints, 'ckpt-30_temp', 'part-00000-of-00001.index'),
+                 os.path.join(logdir, 'examples.npz.tmp')]
+    for path in leftovers:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, 'wb') as f:
+        f.write(b'half a file')
+    train.train_and_evaluate(config, logdir, dataset)
+    self.assertEqual([path for path in leftovers if os.path.exists(path)], [])
+    self.assertFalse(os.path.exists(os.path.join(checkpoints, 'ckpt-30_temp')))
     self.assert_same_final_state(whole, logdir)
 
 
