@@ -132,8 +132,13 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
     self.assertIn(f'taking over {lock} from pid {first.pid}, which is no longer running', stderr)
     self.assertFalse(os.path.exists(lock))
 
-  def disk_full_at_step_30(self, config, dataset):
-    """A run in a fresh directory whose write at step 30 fails: (its directory, the error)."""
+  def disk_full_at_step_30(self):
+    """A tiny run trained whole, and the same run in a fresh directory whose write at step 30
+    failed: (config, dataset, the whole run's directory, the failed one's, the error)."""
+    dataset = fixtures.separable_dataset(num_train=100)
+    config = fixtures.tiny_config(noise=0.5, steps=40)
+    whole = self.create_tempdir().full_path
+    train.train_and_evaluate(config, whole, dataset)
     logdir = self.create_tempdir().full_path
     save_examples = workdir_lib.save_examples
 
@@ -148,15 +153,10 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
     with mock.patch.object(workdir_lib, 'save_examples', save_or_fail):
       with self.assertRaises(WriteFailed) as caught:
         train.train_and_evaluate(config, logdir, dataset)
-    return logdir, caught.exception
+    return config, dataset, whole, logdir, caught.exception
 
   def test_a_failed_write_is_one_error_and_the_rerun_resumes(self):
-    dataset = fixtures.separable_dataset(num_train=100)
-    config = fixtures.tiny_config(noise=0.5, steps=40)
-    whole = self.create_tempdir().full_path
-    train.train_and_evaluate(config, whole, dataset)
-
-    logdir, error = self.disk_full_at_step_30(config, dataset)
+    config, dataset, whole, logdir, error = self.disk_full_at_step_30()
     self.assertRegex(str(error),
                      r'^could not write .*examples\.npz at step 30 \(No space left on device\)\. '
                      r'The last good checkpoint is .*ckpt-20; free space or restore access, '
@@ -166,12 +166,7 @@ class FaultTest(parameterized.TestCase, tf.test.TestCase):
     self.assert_same_final_state(whole, logdir)
 
   def test_what_a_kill_mid_write_leaves_is_removed_on_resume(self):
-    dataset = fixtures.separable_dataset(num_train=100)
-    config = fixtures.tiny_config(noise=0.5, steps=40)
-    whole = self.create_tempdir().full_path
-    train.train_and_evaluate(config, whole, dataset)
-
-    logdir, _ = self.disk_full_at_step_30(config, dataset)
+    config, dataset, whole, logdir, _ = self.disk_full_at_step_30()
     checkpoints = os.path.join(logdir, 'checkpoints')
     # The names TensorFlow writes before renaming: the `checkpoint` state
     # file, a checkpoint's shards, and a record of cg_tf's.
