@@ -78,9 +78,11 @@ CASES = {
 }
 
 
-# The cases whose aggregate is split over replicas by columns, or whose
-# measurements are: these also run on 4 replicas, where the split is uneven.
-# The others are whole on the first replica beyond 2.
+# The cases that also run on 4 replicas: the rules split by output columns
+# (winsorize, trimmed mean), whose 4-way split is uneven; the §2.4
+# measurement; and two of the rules computed whole on the first replica
+# (median, l2clip), where three replicas must add exact zeros. The other
+# rules of that kind run on 1 and 2.
 FOUR_REPLICA_CASES = ('winsorized_fast', 'winsorized_xla', 'with_decomposition',
                       'trimmed_mean', 'median', 'l2clip')
 # A checkpoint saved halfway on one replica count, resumed on the next count:
