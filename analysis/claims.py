@@ -321,14 +321,25 @@ def as_markdown(rows: Sequence[Dict[str, str]], columns=COLUMNS) -> str:
 def read_markdown(text: str) -> Dict[tuple, Dict[str, str]]:
   """The claims table of a report that `as_markdown` wrote: {(section, claim): row}.
 
-  Rows need the default COLUMNS; lines that are not rows of that table are ignored.
+  The table is found by its header, which begins with COLUMNS' first three
+  headers. A report drawn beside another has the headers 'measured (full)',
+  'verdict (full)', 'measured (mini)', ...: the first measured and verdict
+  columns, the report's own, are read. Lines outside that table are ignored.
   """
-  keys = [key for key, _ in COLUMNS]
-  rows = {}
+  rows, column_of = {}, None
   for line in text.splitlines():
-    cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
-    if not line.startswith('|') or len(cells) != len(keys) or cells[0] in ('§', '---'):
+    if not line.startswith('|'):
+      column_of = None
       continue
-    row = dict(zip(keys, cells))
+    cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+    if column_of is None:
+      if cells[:3] == [header for _, header in COLUMNS[:3]]:
+        column_of = {key: next(i for i, cell in enumerate(cells)
+                               if cell == header or cell.startswith(header + ' ('))
+                     for key, header in COLUMNS}
+      continue
+    if all(set(cell) == {'-'} for cell in cells) or len(cells) <= max(column_of.values()):
+      continue
+    row = {key: cells[i] for key, i in column_of.items()}
     rows[(row['section'], row['claim'])] = row
   return rows

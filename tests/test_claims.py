@@ -200,6 +200,18 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(claims.read_markdown(text),
                      {('2.3 (1)', 'a (25%)'): rows[0], ('3.3', 'b'): rows[1]})
 
+  def test_a_report_drawn_beside_another_reads_back_as_its_own_numbers(self):
+    columns = (*claims.COLUMNS[:3], ('measured', 'measured (full)'), ('verdict', 'verdict (full)'),
+               ('other_measured', 'measured (mini)'), ('other_verdict', 'verdict (mini)'))
+    row = {'section': '3.3', 'claim': 'c = 8 (100%)', 'test': 't', 'measured': 'full says 0.112',
+           'verdict': 'PASS', 'other_measured': 'mini says 0.319', 'other_verdict': 'FAIL'}
+    text = claims.as_markdown([row], columns) + '\n\n' + claims.as_markdown(
+        [{'section': '9', 'claim': 'another table', 'test': 't', 'measured': 'm', 'verdict': 'v'}],
+        (('section', 'x'), ('claim', 'y'), ('test', 'z'), ('measured', 'w'), ('verdict', 'v')))
+    self.assertEqual(claims.read_markdown(text), {('3.3', 'c = 8 (100%)'): {
+        'section': '3.3', 'claim': 'c = 8 (100%)', 'test': 't', 'measured': 'full says 0.112',
+        'verdict': 'PASS'}})
+
   def test_markdown_with_other_columns(self):
     table = claims.as_markdown([{'a': '1', 'b': '2'}, {'a': '3'}], (('a', 'A'), ('b', 'B')))
     self.assertEqual(table.splitlines(), ['| A | B |', '|---|---|', '| 1 | 2 |', '| 3 |  |'])
