@@ -86,8 +86,8 @@ def findings(config, record, examples, scalars):
       ~corrupt).any() else np.nan
   out['mean c_e at step 0, corrupt'] = record['example_coherence'][corrupt].mean() if (
       corrupt.any()) else np.nan
-  out['median GSNR, hidden layer, step 0'] = record['gsnr_median'][0, 0]
-  out['median GSNR, hidden layer, end'] = record['gsnr_median'][-1, 0]
+  out['median GSNR, first layer, step 0'] = record['gsnr_median'][0, 0]
+  out['median GSNR, first layer, end'] = record['gsnr_median'][-1, 0]
   if 'stiffness' in record:
     matrix = record['stiffness'][-1]
     out['stiffness at the end, same class'] = np.nanmean(np.diag(matrix))

@@ -50,7 +50,8 @@ PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized', 'full_batch')
 # (docs/coherence.md) and the aggregator comparison (docs/aggregators.md), on
 # 12,000 examples and, for the cheap rules, on all 60,000 (aggregators_60k).
 # The paper's Figures 1-4 on a convolutional network (run.py --model=cnn): its
-# own report, REPORT_cnn.md, beside the MLP's.
+# own report, REPORT_cnn.md, beside the MLP's; with m-coherence and forgetting
+# measured on it as the coherence experiment measures them on the MLP.
 EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators', 'aggregators_60k', 'cnn')
 flags.DEFINE_list('experiments', list(PAPER_EXPERIMENTS), 'Which experiments to run: '
                   f'some of {", ".join(EXPERIMENTS)}.')
@@ -165,6 +166,9 @@ def run_specs(scale, seeds, experiments):
                   f'{"decomposition" if c == 0 and n in DECOMPOSITION_NOISES else "winsorized"}'
                   f'{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}', *seeding])
                 for n in NOISES for c in CS]
+      specs += [(f'cnn/coherence_n{n:g}{tag}',
+                 [f'--flagfile=flags/cnn_coherence{suffix}.cfg', f'--noise={n}', *seeding])
+                for n in NOISES]
     if 'winsorized' in experiments:
       specs += [(f'winsorized/n{n:g}_c{c}{tag}',
                  [f'--flagfile=flags/winsorized{suffix}.cfg', f'--noise={n}', f'--winsor_c={c}',
@@ -294,6 +298,15 @@ def figure_name(number, scale, family=''):
   return f'figure{number}{"_full" if scale == "full" else ""}.png'
 
 
+def coherence_names(scale, family=''):
+  """(figure, table) of the coherence measurements: coherence.png and COHERENCE.md for
+  the MLP; coherence_cnn.png and COHERENCE_cnn.md (_cnn_mini at mini scale) for the CNN."""
+  if not family:
+    return 'coherence.png', 'COHERENCE.md'
+  tag = f'_{family}{"" if scale == "full" else "_mini"}'
+  return f'coherence{tag}.png', f'COHERENCE{tag}.md'
+
+
 def aggregators_names(scale):
   """(figure, table) of the aggregator comparison: aggregators.png and AGGREGATORS.md
   for the 2,500-example mini runs, with _12k at full scale (12,000 examples)."""
@@ -346,10 +359,13 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
     scripts.append((figure_name(4, scale, 'cnn'), 'figure4.py',
                     finished(f'cnn/n{n:g}_c{c}' for n in NOISES for c in CS),
                     [f'--out={report_dir}/{figure_name(4, scale, "cnn")}']))
+    figure, table = coherence_names(scale, 'cnn')
+    scripts.append((figure, 'coherence.py', finished(f'cnn/coherence_n{n:g}' for n in NOISES),
+                    [f'--out={report_dir}/{figure}', f'--report={report_dir}/{table}']))
   if 'coherence' in experiments:
-    scripts.append(('coherence.png', 'coherence.py',
-                    finished(f'coherence/noise{n:g}' for n in NOISES),
-                    [f'--out={report_dir}/coherence.png', f'--report={report_dir}/COHERENCE.md']))
+    figure, table = coherence_names(scale)
+    scripts.append((figure, 'coherence.py', finished(f'coherence/noise{n:g}' for n in NOISES),
+                    [f'--out={report_dir}/{figure}', f'--report={report_dir}/{table}']))
   if 'aggregators' in experiments:
     figure, table = aggregators_names(scale)
     scripts.append((figure, 'aggregators.py',
@@ -632,14 +648,16 @@ def main(argv):
                               if set(FLAGS.experiments) & set(PAPER_EXPERIMENTS) else ''))
   figures = draw_figures(FLAGS.out, FLAGS.seeds, FLAGS.experiments, report_dir, FLAGS.scale)
   if 'coherence' in FLAGS.experiments:
-    print(f'coherence findings: {report_dir}/COHERENCE.md')
+    print(f'coherence findings: {report_dir}/{coherence_names(FLAGS.scale)[1]}')
+  if 'cnn' in FLAGS.experiments:
+    print(f'coherence findings on the CNN: {report_dir}/{coherence_names(FLAGS.scale, "cnn")[1]}')
   if 'aggregators' in FLAGS.experiments:
     print(f'aggregator comparison: {report_dir}/{aggregators_names(FLAGS.scale)[1]}')
   if 'aggregators_60k' in FLAGS.experiments:
     print(f'aggregator comparison on every example: {report_dir}/AGGREGATORS_60k.md')
   if set(FLAGS.experiments) & {*PAPER_EXPERIMENTS, 'cnn'}:
     print(write_report(FLAGS.out, FLAGS.seeds, FLAGS.experiments, FLAGS.scale, report_dir,
-                       [f for f in figures if f.startswith(('figure', 'full_batch'))],
+                       [f for f in figures if f.startswith(('figure', 'full_batch', 'coherence_'))],
                        len(specs) - len(missing),
                        len(specs), compare_with, FLAGS.compare_with))
   print(f'{ran} runs trained, figures and report drawn in {(time.time() - start) / 60:.1f} min')

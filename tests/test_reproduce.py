@@ -83,6 +83,27 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     for flagfile in ('coherence', 'coherence_cpu', 'aggregators', 'aggregators_cpu'):
       self.assertTrue(os.path.exists(os.path.join(ROOT, 'flags', flagfile + '.cfg')), flagfile)
 
+  def test_cnn_specs(self):
+    cnn = dict(reproduce.run_specs('full', 2, ['cnn']))
+    self.assertLen(cnn, 2 * (25 + 5))
+    self.assertEqual(cnn['cnn/n0.25_c0'], ['--flagfile=flags/cnn_decomposition.cfg',
+                                           '--noise=0.25', '--winsor_c=0', '--seed=0',
+                                           '--noise_seed=0'])
+    self.assertIn('--flagfile=flags/cnn_winsorized.cfg', cnn['cnn/n1_c0'])
+    self.assertEqual(cnn['cnn/coherence_n0.5_s1'], ['--flagfile=flags/cnn_coherence.cfg',
+                                                    '--noise=0.5', '--seed=1', '--noise_seed=1'])
+    mini = dict(reproduce.run_specs('mini', 1, ['cnn']))
+    self.assertIn('--flagfile=flags/cnn_coherence_cpu.cfg', mini['cnn/coherence_n0'])
+    # The grid's patterns leave the coherence runs out.
+    self.assertNotIn('cnn/coherence_n1', dict(reproduce.selected(list(cnn.items()), ['cnn/n1_c*'])))
+    for flagfile in ('cnn_coherence', 'cnn_coherence_cpu'):
+      self.assertTrue(os.path.exists(os.path.join(ROOT, 'flags', flagfile + '.cfg')), flagfile)
+    self.assertEqual(reproduce.coherence_names('full', 'cnn'),
+                     ('coherence_cnn.png', 'COHERENCE_cnn.md'))
+    self.assertEqual(reproduce.coherence_names('mini', 'cnn'),
+                     ('coherence_cnn_mini.png', 'COHERENCE_cnn_mini.md'))
+    self.assertEqual(reproduce.coherence_names('full'), ('coherence.png', 'COHERENCE.md'))
+
   def test_winsor_c(self):
     self.assertEqual(reproduce.winsor_c(['--noise=0.5', '--winsor_c=4']), 4.0)
     self.assertEqual(reproduce.winsor_c(['--noise=0.5']), 0.0)
