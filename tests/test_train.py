@@ -4,6 +4,7 @@ import dataclasses
 import os
 
 from absl.testing import parameterized
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,6 +12,7 @@ import tensorflow as tf
 from cg_tf import data
 from cg_tf import train
 from cg_tf import workdir as workdir_lib
+from cg_tf.config import Config
 from cg_tf.errors import UserInputError
 from tests import reference
 from tests import fixtures
@@ -55,6 +57,28 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     for variable, before, g in zip(experiment.model.trainable_variables, flat, per_example):
       # The loss is the batch mean: each example contributes g_e / batch.
       expected = before - 0.3 * reference.winsorized_sum(g / 40, 10)
+      self.assertAllClose(variable, expected, rtol=1e-4, atol=1e-6)
+
+  @parameterized.parameters('fast', 'xla')
+  def test_one_winsorized_cnn_step_matches_float64_per_example_gradients(self, impl):
+    # run.py --model=cnn: the loop's per-layer gradients of both convolutions
+    # and both Dense layers against one float64 GradientTape per example.
+    dataset = fixtures.separable_dataset(num_train=20, dims=784)
+    config = fixtures.tiny_config(model='cnn', hidden=Config().hidden, winsor_c=10, winsor_impl=impl,
+                                  batch_size=20,
+                                  learning_rate=0.3)
+    experiment = train.Experiment(config, data.make_noisy(dataset, 0, 0.0, 0))
+    as_float64 = keras.models.clone_model(
+        experiment.model, clone_function=lambda layer: layer.__class__.from_config(
+            {**layer.get_config(), 'dtype': 'float64'}))
+    as_float64.set_weights([w.astype(np.float64) for w in experiment.model.get_weights()])
+    before = [v.numpy() for v in experiment.model.trainable_variables]
+    x, y = dataset.train_images, dataset.train_labels
+    per_example = reference.per_example_gradients_float64(as_float64, x.astype(np.float64), y)
+    experiment.train_step(tf.constant(x), tf.constant(y))
+    self.assertLen(per_example, 8)  # kernel and bias of conv_1, conv_2, hidden_1, logits
+    for variable, w, g in zip(experiment.model.trainable_variables, before, per_example):
+      expected = w - 0.3 * reference.winsorized_sum(g / 20, 10)
       self.assertAllClose(variable, expected, rtol=1e-4, atol=1e-6)
 
   @parameterized.parameters('fast', 'reference')
