@@ -64,9 +64,8 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     # run.py --model=cnn: the loop's per-layer gradients of both convolutions
     # and both Dense layers against one float64 GradientTape per example.
     dataset = fixtures.separable_dataset(num_train=20, dims=784)
-    config = fixtures.tiny_config(model='cnn', hidden=Config().hidden, winsor_c=10, winsor_impl=impl,
-                                  batch_size=20,
-                                  learning_rate=0.3)
+    config = fixtures.tiny_config(model='cnn', hidden=Config().hidden, winsor_c=10,
+                                  winsor_impl=impl, batch_size=20, learning_rate=0.3)
     experiment = train.Experiment(config, data.make_noisy(dataset, 0, 0.0, 0))
     as_float64 = keras.models.clone_model(
         experiment.model, clone_function=lambda layer: layer.__class__.from_config(
