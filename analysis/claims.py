@@ -168,6 +168,21 @@ def time_to_accuracy_grows_with_noise(train_accuracy: Mapping[float, pd.Series],
   return Verdict(measured, outcome, reason)
 
 
+def median_step(steps: np.ndarray) -> float:
+  """Median of per-example steps [n] from the learning record, -1 (never) counted as inf.
+
+  An example never learned (or, for learned_since_step, not fitted at the end) counts as
+  learned after every step, so a group most of which was never learned has median inf.
+  """
+  steps = np.asarray(steps)
+  return float(np.median(np.where(steps < 0, np.inf, steps).astype(np.float64)))
+
+
+def step_word(step: float) -> str:
+  """A step for a table or a verdict: 'never' for inf."""
+  return 'never' if np.isinf(step) else f'{step:g}'
+
+
 def pristine_learned_first(first_learned_step: np.ndarray, corrupt: np.ndarray) -> Verdict:
   """§2.3 (2): pristine examples are learned before corrupt ones (median first step).
 
@@ -177,13 +192,11 @@ def pristine_learned_first(first_learned_step: np.ndarray, corrupt: np.ndarray) 
   if not corrupt.any() or corrupt.all():
     return not_shown(f'{corrupt.sum()} corrupt of {corrupt.size} examples',
                      'needs both pristine and corrupt examples')
-  steps = np.where(first_learned_step < 0, np.inf, first_learned_step).astype(np.float64)
-  pristine, corrupted = np.median(steps[~corrupt]), np.median(steps[corrupt])
-
-  def word(step):
-    return 'never' if np.isinf(step) else f'{step:g}'
-
-  measured = f'median first-learned step: pristine {word(pristine)}, corrupt {word(corrupted)}'
+  first_learned_step = np.asarray(first_learned_step)
+  pristine = median_step(first_learned_step[~corrupt])
+  corrupted = median_step(first_learned_step[corrupt])
+  measured = (f'median first-learned step: pristine {step_word(pristine)}, '
+              f'corrupt {step_word(corrupted)}')
   if pristine == corrupted:
     return not_shown(measured, 'tied' if np.isfinite(pristine) else
                      'most examples of both groups were never learned')

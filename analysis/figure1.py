@@ -103,12 +103,22 @@ def _format(row, tag):
   return '-' if np.isnan(value) else f'{value:.3f}'
 
 
+def median_steps(examples, key):
+  """'pristine P / corrupt C': each group's median of the per-example `key` record
+  (first_learned_step or learned_since_step), pooled over the seeds' `examples`."""
+  steps, corrupt = (np.concatenate([e[name] for e in examples]) for name in (key, 'corrupt'))
+  return ' / '.join(claims.step_word(claims.median_step(steps[chosen])) if chosen.any() else '-'
+                    for chosen in (~corrupt, corrupt))
+
+
 def summary_table(runs):
-  """Markdown rows: the numbers behind §2.3's claims, one row per noise level (seed mean)."""
+  """Markdown rows: the numbers behind §2.3's claims, one row per noise level (seed mean;
+  the per-example medians pool the seeds' examples)."""
   rows = ['| noise | seeds | step to 90% train acc | final train acc | pristine acc / corrupt acc '
-          'at step 900 | best test acc (step) | final test acc |',
-          '|---|---|---|---|---|---|---|']
-  for noise, seeds, _ in runs:
+          'at step 900 | best test acc (step) | final test acc | median first-learned step, '
+          'pristine / corrupt | median learned-since step, pristine / corrupt |',
+          '|---|---|---|---|---|---|---|---|---|']
+  for noise, seeds, examples in runs:
     scalars = plotting.mean_over_seeds(seeds)
     at = scalars.loc[scalars.index[scalars.index <= 900][-1]]
     split = f'{_format(at, "train_pristine/accuracy")} / {_format(at, "train_corrupt/accuracy")}'
@@ -116,7 +126,9 @@ def summary_table(runs):
     to_90 = claims.first_step_reaching(scalars['train/accuracy'], 0.9)
     rows.append(f'| {noise:.0%} | {len(seeds)} | {to_90} | '
                 f'{scalars["train/accuracy"].iloc[-1]:.4f} | {split} | '
-                f'{test.max():.4f} ({int(test.idxmax())}) | {test.iloc[-1]:.4f} |')
+                f'{test.max():.4f} ({int(test.idxmax())}) | {test.iloc[-1]:.4f} | '
+                f'{median_steps(examples, "first_learned_step")} | '
+                f'{median_steps(examples, "learned_since_step")} |')
   return '\n'.join(rows)
 
 

@@ -67,6 +67,24 @@ def crossing_step(steps, f):
   return None if index is None else int(steps[index])
 
 
+def leads_from(f):
+  """Index of the first measurement from which f^p < f^c at every later one (f: [T, 2]);
+  None if f^p is not below f^c at the last."""
+  above = np.nonzero(~(f[:, 0] < f[:, 1]))[0]
+  if above.size == 0:
+    return 0
+  return None if above[-1] == len(f) - 1 else int(above[-1]) + 1
+
+
+def between(values, start, stop):
+  """'min–max' of values[start:stop] (the measurements from the crossing until f^c leads
+  for good), '-' if there are none."""
+  if start is None or stop is None or stop <= start:
+    return '-'
+  window = values[start:stop]
+  return f'{window.min():.3g}–{window.max():.3g}'
+
+
 def leading_consecutive(steps):
   """How many of `steps` are 0, 1, 2, ... before the first gap: where i^p is defined."""
   count = 0
@@ -126,18 +144,30 @@ def _finish(fig, axes, runs, out):
 
 
 def summary_table(runs):
-  """Markdown rows, one per noise level and world, from the mean over seeds."""
+  """Markdown rows, one per noise level and world, from the mean over seeds.
+
+  Besides the first crossing: the step from which f^c stays above f^p, and between the
+  two the range of f^p and of the whole-set gradient's squared norm |g|^2 = <g, g^p> +
+  <g, g^c> (the same in every world), which say whether f^p swings because |g| is small.
+  """
   rows = ['| noise | seeds | world | f^p at step 0 | f^p - f^c crosses at step | '
+          'f^c leads from step | f^p between | \\|g\\|^2 between | '
           'mean abs(sampled - exact) f^p | measurement s/step (mean) |',
-          '|---|---|---|---|---|---|---|']
+          '|---|---|---|---|---|---|---|---|---|---|']
   for noise, records in runs:
     steps = records[0]['step']
     exact, sampled = (np.mean([_decomposition().fractions(r[k]) for r in records], axis=0)
                       for k in ('inner', 'sampled_inner'))
+    squared_norm = np.mean([r['inner'][:, 0].sum(axis=-1) for r in records], axis=0)
     seconds = np.mean([r['seconds'].mean() for r in records])
     for world in range(exact.shape[1]):
+      crossing = claims.crosses(exact[:, world, 0], exact[:, world, 1])
+      leads = leads_from(exact[:, world])
       rows.append(f'| {noise:.0%} | {len(records)} | {world_name(world)} | '
                   f'{exact[0, world, 0]:.3f} | {crossing_step(steps, exact[:, world])} | '
+                  f'{None if leads is None else int(steps[leads])} | '
+                  f'{between(exact[:, world, 0], crossing, leads)} | '
+                  f'{between(squared_norm, crossing, leads)} | '
                   f'{np.abs(sampled[:, world, 0] - exact[:, world, 0]).mean():.3f} | '
                   f'{seconds:.2f} |')
   return '\n'.join(rows)

@@ -9,11 +9,47 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from analysis import figure1
+from analysis import figures_2_3
 from cg_tf import train
 from cg_tf import workdir
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class TableHelpersTest(parameterized.TestCase):
+  """The per-example and §2.4 summaries the figure scripts print, against loops."""
+
+  @parameterized.parameters(0, 1, 2, 3, 4)
+  def test_leads_from_is_where_f_corrupt_stays_above(self, seed):
+    f = np.random.default_rng(seed).random([12, 2])
+    f[2 * seed:, 1] += 1  # f^c above f^p from index 2 * seed on, at least
+    expected = next((i for i in range(len(f)) if all(f[j, 0] < f[j, 1] for j in range(i, len(f)))),
+                    None)
+    self.assertEqual(figures_2_3.leads_from(f), expected)
+    self.assertLessEqual(expected, 2 * seed)
+
+  def test_leads_from_known_answers(self):
+    swings = np.array([[0.9, 0.1], [0.1, 0.9], [0.9, 0.1], [0.1, 0.9], [0.2, 0.8]])
+    self.assertEqual(figures_2_3.leads_from(swings), 3)
+    self.assertEqual(figures_2_3.leads_from(swings[::-1]), None)
+    self.assertEqual(figures_2_3.leads_from(swings[3:]), 0)
+    self.assertEqual(figures_2_3.leads_from(np.array([[0.5, 0.5]])), None)  # a tie is not a lead
+
+  def test_between_is_the_range_from_the_crossing_to_the_lead(self):
+    values = np.array([5.0, 0.5, -0.25, 3.0, 9.0])
+    self.assertEqual(figures_2_3.between(values, 1, 4), '-0.25–3')
+    for start, stop in ((None, 4), (1, None), (3, 3)):
+      self.assertEqual(figures_2_3.between(values, start, stop), '-')
+
+  def test_median_steps_pool_the_seeds_per_group(self):
+    seeds = [{'corrupt': np.array([False, True, True]), 'first_learned_step': np.array([4, 10, -1])},
+             {'corrupt': np.array([False, False, True]), 'first_learned_step': np.array([6, 8, 20])}]
+    # pristine: 4, 6, 8 -> 6; corrupt: 10, 20, never -> 20
+    self.assertEqual(figure1.median_steps(seeds, 'first_learned_step'), '6 / 20')
+    clean = [{'corrupt': np.zeros(2, bool), 'first_learned_step': np.array([-1, -1])}]
+    self.assertEqual(figure1.median_steps(clean, 'first_learned_step'), 'never / -')
 
 
 @pytest.mark.slow

@@ -51,6 +51,17 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertTrue(claims.pristine_learned_first(np.array([1, 2, 50, -1]), corrupt).passed)
     self.assertFalse(claims.pristine_learned_first(np.array([50, -1, 1, 2]), corrupt).passed)
 
+  @parameterized.parameters(1, 2, 7, 40)
+  def test_median_step_counts_never_as_after_every_step(self, n):
+    rng = np.random.default_rng(n)
+    steps = rng.choice([-1, 0, 3, 3, 10, 2000], size=n)
+    ordered = sorted(float('inf') if s < 0 else float(s) for s in steps)
+    middle = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2 if n % 2 == 0 else ordered[n // 2]
+    self.assertEqual(claims.median_step(steps), middle)
+    self.assertEqual(claims.median_step(np.full(n, -1)), float('inf'))
+    self.assertEqual(claims.step_word(float('inf')), 'never')
+    self.assertEqual(claims.step_word(35000.0), '35000')
+
   @parameterized.named_parameters(
       ('tied', [3, 3, 3, 3], [False, False, True, True], 'tied'),
       ('never_learned', [-1, -1, -1, -1], [False, False, True, True],
