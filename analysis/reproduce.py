@@ -404,8 +404,9 @@ def _learning_checks(check, scalars, examples, run, learning, suffix):
   for n in (0.25, 0.5, 0.75):
     check((f'{learning} (2)' if numbered else learning,
            f'pristine examples are learned faster than corrupt ({n:.0%}){suffix}',
-           'median first-learned step'), [run(n)],
-          lambda n=n: claims.pristine_learned_first(examples(run(n))['first_learned_step'],
+           'median step from which examples stay fitted'), [run(n)],
+          lambda n=n: claims.pristine_learned_first(examples(run(n))['learned_since_step'],
+                                                    examples(run(n))['first_learned_step'],
                                                     examples(run(n))['corrupt']))
   if numbered:
     check(('2.3 (3)', 'with fewer pristine examples they are learned more slowly',

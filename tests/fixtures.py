@@ -56,14 +56,17 @@ def write_run(run_dir: str, config: Config, scalars: Mapping[str, Mapping[int, f
   return run_dir
 
 
-def examples_record(corrupt: np.ndarray, first_learned_step: np.ndarray) -> Dict[str, np.ndarray]:
-  """examples.npz's arrays for examples with the given corrupt mask and first-learned steps."""
+def examples_record(corrupt: np.ndarray, first_learned_step: np.ndarray,
+                    learned_since_step: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+  """examples.npz's arrays for examples with the given corrupt mask and first-learned steps
+  (and learned-since steps: the first-learned ones unless given)."""
   n = len(corrupt)
   labels = np.arange(n, dtype=np.int32) % 10
   return {'label': labels, 'train_label': np.where(corrupt, (labels + 1) % 10, labels),
           'corrupt': np.asarray(corrupt, bool), 'subset_index': np.arange(n),
           'first_learned_step': np.asarray(first_learned_step, np.int64),
-          'learned_since_step': np.asarray(first_learned_step, np.int64)}
+          'learned_since_step': np.asarray(first_learned_step if learned_since_step is None
+                                           else learned_since_step, np.int64)}
 
 
 def decomposition_record(steps, f_pristine, corrupt: np.ndarray,

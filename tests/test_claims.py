@@ -48,8 +48,24 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_pristine_learned_first(self):
     corrupt = np.array([False, False, True, True])
-    self.assertTrue(claims.pristine_learned_first(np.array([1, 2, 50, -1]), corrupt).passed)
-    self.assertFalse(claims.pristine_learned_first(np.array([50, -1, 1, 2]), corrupt).passed)
+    first = np.array([1, 2, 50, -1])
+    self.assertTrue(claims.pristine_learned_first(np.array([1, 2, 50, -1]), first,
+                                                  corrupt).passed)
+    self.assertFalse(claims.pristine_learned_first(np.array([50, -1, 1, 2]), first,
+                                                   corrupt).passed)
+
+  def test_pristine_learned_first_is_decided_by_the_learned_since_step(self):
+    # The corrupt examples hit their label by chance at step 2 and are fitted for good only
+    # at 40,000; the pristine ones are first learned at 6 and stay fitted from 100.
+    corrupt = np.array([False, False, False, True, True, True])
+    first = np.array([6, 6, 6, 2, 2, 2])
+    since = np.array([100, 100, 100, 40000, 40000, -1])
+    verdict = claims.pristine_learned_first(since, first, corrupt)
+    self.assertEqual(verdict.text, 'PASS')
+    self.assertEqual(verdict.measured, 'median learned-since step: pristine 100, corrupt 40000 '
+                     '(first learned: 6, 2)')
+    self.assertFalse(claims.pristine_learned_first(np.array([40000, 40000, -1, 100, 100, 100]),
+                                                   first[::-1], corrupt).passed)
 
   @parameterized.parameters(1, 2, 7, 40)
   def test_median_step_counts_never_as_after_every_step(self, n):
@@ -64,12 +80,13 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
       ('tied', [3, 3, 3, 3], [False, False, True, True], 'tied'),
-      ('never_learned', [-1, -1, -1, -1], [False, False, True, True],
-       'most examples of both groups were never learned'),
+      ('not_fitted_at_the_end', [-1, -1, -1, 9], [False, False, True, True],
+       'most examples of both groups are not fitted at the end'),
       ('no_corrupt', [1, 2], [False, False], 'needs both pristine and corrupt examples'),
       ('all_corrupt', [1, 2], [True, True], 'needs both pristine and corrupt examples'))
-  def test_pristine_learned_first_not_shown(self, first, corrupt, reason):
-    verdict = claims.pristine_learned_first(np.array(first), np.array(corrupt))
+  def test_pristine_learned_first_not_shown(self, since, corrupt, reason):
+    verdict = claims.pristine_learned_first(np.array(since), np.zeros(len(since)),
+                                            np.array(corrupt))
     self.assertEqual(verdict.text, f'NOT SHOWN ({reason})')
 
   def test_fewer_pristine_learned_slower(self):

@@ -30,6 +30,7 @@ PASSING = {
     'final_train': {0.0: 1.0, 0.25: 1.0, 0.5: 0.995, 0.75: 1.0, 1.0: 0.99},
     'pristine_first_steps': {0.0: 0.8, 0.25: 0.6},  # pristine accuracy at steps 1-10
     'learned': (2, 500),  # first-learned step of (pristine, corrupt) examples
+    'learned_since': (20, 5000),  # and the step from which they stay fitted, which decides
     'test': (0.9, 0.7),  # (best at step 100, final) test accuracy
     'f_actual': [0.9, 0.8, 0.6, 0.4, 0.3, 0.3],  # crosses at step 3
     'f_nulls': [[0.7] * 6] * 3,
@@ -41,7 +42,8 @@ FAILING = {
     'reach': {0.0: 400, 0.25: 300, 0.5: 200, 0.75: 100, 1.0: 10},
     'final_train': {0.0: 1.0, 0.25: 1.0, 0.5: 1.0, 0.75: 1.0, 1.0: 0.9},
     'pristine_first_steps': {0.0: 0.6, 0.25: 0.8},
-    'learned': (500, 2),
+    'learned': (2, 500),  # the first-learned step favours pristine; learned-since does not
+    'learned_since': (5000, 20),
     'test': (0.8, 0.9),
     'f_actual': [0.7] * 6,
     'f_nulls': [[0.7] * 6, [0.9, 0.8, 0.6, 0.4, 0.3, 0.3], [0.7] * 6],
@@ -72,6 +74,7 @@ def plant_label_noise(out, plan, name, **settings):
     }
     corrupt = CORRUPT if noise > 0 else np.zeros(NUM_EXAMPLES, bool)
     first = np.where(corrupt, plan['learned'][1], plan['learned'][0])
+    since = np.where(corrupt, plan['learned_since'][1], plan['learned_since'][0])
     decomposition = None
     if noise in reproduce.DECOMPOSITION_NOISES:
       decomposition = fixtures.decomposition_record(
@@ -79,7 +82,7 @@ def plant_label_noise(out, plan, name, **settings):
           sampled_offset=0.05)
     fixtures.write_run(fixtures.run_path(out, name(noise)),
                        Config(noise=noise, steps=STEPS, **settings), scalars,
-                       fixtures.examples_record(corrupt, first), decomposition)
+                       fixtures.examples_record(corrupt, first, since), decomposition)
 
 
 def plant_winsorized(out, plan, tag=''):
@@ -121,7 +124,7 @@ EXPECTED_PASS = {
     'time to a given training accuracy grows with noise':
         ('step to 90% train acc: 0%: 10, 25%: 100, 50%: 200, 75%: 300, 100%: 400', 'PASS'),
     'pristine examples are learned faster than corrupt (25%)':
-        ('median first-learned step: pristine 2, corrupt 500', 'PASS'),
+        ('median learned-since step: pristine 20, corrupt 5000 (first learned: 2, 500)', 'PASS'),
     'with fewer pristine examples they are learned more slowly':
         ('mean pristine accuracy over steps 1-10: 0.800 clean vs 0.600 noisy', 'PASS'),
     'all variants fit their training set':
@@ -145,7 +148,7 @@ EXPECTED_FAIL = {
     'time to a given training accuracy grows with noise':
         ('step to 90% train acc: 0%: 400, 25%: 300, 50%: 200, 75%: 100, 100%: 10', 'FAIL'),
     'pristine examples are learned faster than corrupt (75%)':
-        ('median first-learned step: pristine 500, corrupt 2', 'FAIL'),
+        ('median learned-since step: pristine 5000, corrupt 20 (first learned: 2, 500)', 'FAIL'),
     'with fewer pristine examples they are learned more slowly':
         ('mean pristine accuracy over steps 1-10: 0.600 clean vs 0.800 noisy', 'FAIL'),
     'all variants fit their training set':
@@ -238,8 +241,10 @@ class ReportTest(tf.test.TestCase, parameterized.TestCase):
                     for n in reproduce.NOISES)
     table = fixtures.run_script('figure1.py', f'--runs={runs}', f'--out={self.root}/figures/f1.png')
     row = next(line for line in table.splitlines() if line.startswith('| 75% |'))
-    # noise, seeds, step to 90%, final train, pristine / corrupt at step 900, best test (step), final test
-    self.assertEqual(row, '| 75% | 1 | 300 | 1.0000 | 0.500 / - | 0.9000 (100) | 0.7000 |')
+    # noise, seeds, step to 90%, final train, pristine / corrupt at step 900, best test (step),
+    # final test, median first-learned and learned-since steps (pristine / corrupt)
+    self.assertEqual(row, '| 75% | 1 | 300 | 1.0000 | 0.500 / - | 0.9000 (100) | 0.7000 | '
+                     '2 / 500 | 20 / 5000 |')
 
   @pytest.mark.slow
   def test_figure4_table(self):
@@ -255,9 +260,10 @@ class ReportTest(tf.test.TestCase, parameterized.TestCase):
                        f'--runs={fixtures.run_path(self.passing, "label_noise/noise0.5")}',
                        f'--out_dir={self.root}/figures')
     rows = [line for line in table.splitlines() if line.startswith('| 50% |')]
-    # noise, seeds, world, f^p at 0, crossing step, mean |sampled - exact|, seconds a measurement
-    self.assertEqual(rows[0], '| 50% | 1 | actual | 0.900 | 3 | 0.050 | 0.50 |')
-    self.assertEqual(rows[1], '| 50% | 1 | null 1 | 0.700 | None | 0.050 | 0.50 |')
+    # noise, seeds, world, f^p at 0, crossing step, step from which f^c leads, f^p and |g|^2
+    # between the two (none: it leads from the crossing), mean |sampled - exact|, seconds
+    self.assertEqual(rows[0], '| 50% | 1 | actual | 0.900 | 3 | 3 | - | - | 0.050 | 0.50 |')
+    self.assertEqual(rows[1], '| 50% | 1 | null 1 | 0.700 | None | None | - | - | 0.050 | 0.50 |')
 
 
 class FullBatchReportTest(tf.test.TestCase):
