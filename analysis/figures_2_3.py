@@ -61,9 +61,8 @@ def per_seed(records, values):
   return [pd.Series(values(record), index=record['step']) for record in records]
 
 
-def crossing_step(steps, f):
-  """First step at which f^p < f^c (f: [T, 2]); None if never."""
-  index = claims.crosses(f[:, 0], f[:, 1])
+def step_at(steps, index):
+  """steps[index] as an int; None if index is None (the event never happened)."""
   return None if index is None else int(steps[index])
 
 
@@ -164,8 +163,8 @@ def summary_table(runs):
       crossing = claims.crosses(exact[:, world, 0], exact[:, world, 1])
       leads = leads_from(exact[:, world])
       rows.append(f'| {noise:.0%} | {len(records)} | {world_name(world)} | '
-                  f'{exact[0, world, 0]:.3f} | {crossing_step(steps, exact[:, world])} | '
-                  f'{None if leads is None else int(steps[leads])} | '
+                  f'{exact[0, world, 0]:.3f} | {step_at(steps, crossing)} | '
+                  f'{step_at(steps, leads)} | '
                   f'{between(exact[:, world, 0], crossing, leads)} | '
                   f'{between(squared_norm, crossing, leads)} | '
                   f'{np.abs(sampled[:, world, 0] - exact[:, world, 0]).mean():.3f} | '

@@ -37,6 +37,13 @@ class TableHelpersTest(parameterized.TestCase):
     self.assertEqual(figures_2_3.leads_from(swings[3:]), 0)
     self.assertEqual(figures_2_3.leads_from(np.array([[0.5, 0.5]])), None)  # a tie is not a lead
 
+  def test_step_at_reads_the_step_of_an_event_and_none_for_never(self):
+    steps = np.array([0, 10, 100, 1000])
+    self.assertEqual(figures_2_3.step_at(steps, 2), 100)
+    self.assertIsInstance(figures_2_3.step_at(steps, 2), int)
+    self.assertIsNone(figures_2_3.step_at(steps, None))
+    self.assertEqual(figures_2_3.step_at(steps, 0), 0)  # an event at the first measurement
+
   def test_between_is_the_range_from_the_crossing_to_the_lead(self):
     values = np.array([5.0, 0.5, -0.25, 3.0, 9.0])
     self.assertEqual(figures_2_3.between(values, 1, 4), '-0.25–3')
