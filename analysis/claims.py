@@ -236,6 +236,28 @@ def all_fit(final_train_accuracy: Mapping[float, float], level: float = 0.99) ->
   return decided(measured, all(a >= level for a in final_train_accuracy.values()))
 
 
+def all_fit_in_time(train_accuracy: Mapping[float, pd.Series], level: float = 0.99) -> Verdict:
+  """§2.3 for runs of different lengths: every noise level ends at >= `level` training
+  accuracy; the measurement says how long each took.
+
+  train_accuracy: noise -> training accuracy by evaluated step. Shows, per noise
+  level, the first evaluated step at >= `level` (how long the network needs to fit)
+  and the final accuracy with the step it was measured at.
+  """
+  parts, finals = [], []
+  for noise, curve in sorted(train_accuracy.items()):
+    reached = first_step_reaching(curve, level)
+    finals.append(float(curve.iloc[-1]))
+    parts.append(f'{noise:.0%}: {"never" if reached is None else reached} '
+                 f'({finals[-1]:.4f} at {int(curve.index[-1])})')
+  measured = f'first step at >= {level:.0%} train acc (final acc at step): {", ".join(parts)}'
+  if not parts:
+    return not_shown(measured, 'no runs')
+  if _has_nan(finals):
+    return not_shown(measured, 'a final training accuracy is NaN')
+  return decided(measured, all(a >= level for a in finals))
+
+
 def crosses(f_pristine: np.ndarray, f_corrupt: np.ndarray) -> Optional[int]:
   """Index of the first measurement with f^p < f^c after starting with f^p > f^c."""
   if not f_pristine[0] > f_corrupt[0]:

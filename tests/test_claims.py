@@ -108,6 +108,23 @@ class ClaimsTest(tf.test.TestCase, parameterized.TestCase):
                      'NOT SHOWN (a final training accuracy is NaN)')
     self.assertEqual(claims.all_fit({}).outcome, claims.NOT_SHOWN)
 
+  def test_all_fit_in_time_says_when_each_run_fit(self):
+    fits_late = curve([0.5, 0.98, 0.992, 0.989, 0.995], steps=[0, 100, 200, 300, 400])
+    fits_early = curve([0.9, 1.0], steps=[0, 60])
+    verdict = claims.all_fit_in_time({0.5: fits_late, 0.0: fits_early})
+    self.assertTrue(verdict.passed)
+    # The first evaluation at >= 99%, not the first from which it stays there.
+    self.assertEqual(verdict.measured, 'first step at >= 99% train acc (final acc at step): '
+                     '0%: 60 (1.0000 at 60), 50%: 200 (0.9950 at 400)')
+    dips_at_the_end = curve([0.5, 0.995, 0.97], steps=[0, 100, 200])
+    self.assertFalse(claims.all_fit_in_time({0.0: fits_early, 1.0: dips_at_the_end}).passed)
+    never = claims.all_fit_in_time({1.0: curve([0.1, 0.86], steps=[0, 200000])})
+    self.assertFalse(never.passed)
+    self.assertIn('100%: never (0.8600 at 200000)', never.measured)
+    self.assertEqual(claims.all_fit_in_time({0.0: curve([0.5, np.nan])}).text,
+                     'NOT SHOWN (a final training accuracy is NaN)')
+    self.assertEqual(claims.all_fit_in_time({}).outcome, claims.NOT_SHOWN)
+
   def test_crossing(self):
     steps = np.arange(4)
     crossing = np.array([[0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.5, 0.5]])

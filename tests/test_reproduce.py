@@ -85,7 +85,9 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_cnn_specs(self):
     cnn = dict(reproduce.run_specs('full', 2, ['cnn']))
-    self.assertLen(cnn, 2 * (25 + 5))
+    self.assertLen(cnn, 2 * (25 + 5 + 3))
+    self.assertEqual(cnn['cnn/long_n0.75_s1'], ['--flagfile=flags/cnn_label_noise_long.cfg',
+                                                '--noise=0.75', '--seed=1', '--noise_seed=1'])
     self.assertEqual(cnn['cnn/n0.25_c0'], ['--flagfile=flags/cnn_decomposition.cfg',
                                            '--noise=0.25', '--winsor_c=0', '--seed=0',
                                            '--noise_seed=0'])
@@ -93,16 +95,28 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(cnn['cnn/coherence_n0.5_s1'], ['--flagfile=flags/cnn_coherence.cfg',
                                                     '--noise=0.5', '--seed=1', '--noise_seed=1'])
     mini = dict(reproduce.run_specs('mini', 1, ['cnn']))
+    self.assertLen(mini, 25 + 5)  # at 2,500 examples Figure 1's runs fit in 2,500 steps
     self.assertIn('--flagfile=flags/cnn_coherence_cpu.cfg', mini['cnn/coherence_n0'])
     # The grid's patterns leave the coherence runs out.
     self.assertNotIn('cnn/coherence_n1', dict(reproduce.selected(list(cnn.items()), ['cnn/n1_c*'])))
-    for flagfile in ('cnn_coherence', 'cnn_coherence_cpu'):
+    for flagfile in ('cnn_coherence', 'cnn_coherence_cpu', 'cnn_label_noise_long'):
       self.assertTrue(os.path.exists(os.path.join(ROOT, 'flags', flagfile + '.cfg')), flagfile)
     self.assertEqual(reproduce.coherence_names('full', 'cnn'),
                      ('coherence_cnn.png', 'COHERENCE_cnn.md'))
     self.assertEqual(reproduce.coherence_names('mini', 'cnn'),
                      ('coherence_cnn_mini.png', 'COHERENCE_cnn_mini.md'))
     self.assertEqual(reproduce.coherence_names('full'), ('coherence.png', 'COHERENCE.md'))
+
+  def test_cnn_fit_check_waits_for_the_long_runs_at_full_scale_only(self):
+    out = self.get_temp_dir()
+    full = reproduce.checks_for_seed(out, '', ['cnn'], 'full')
+    fit_long = [v for k, v in full.items() if k[1].startswith('all variants fit their training '
+                                                              'set, trained for 200,000 steps')]
+    self.assertLen(fit_long, 1)
+    self.assertEqual(fit_long[0].measured, 'waiting for cnn/n0_c0, cnn/n0.25_c0, '
+                     'cnn/long_n0.5, cnn/long_n0.75, cnn/long_n1')
+    mini = reproduce.checks_for_seed(out, '', ['cnn'], 'mini')
+    self.assertLen(mini, len(full) - 1)
 
   def test_winsor_c(self):
     self.assertEqual(reproduce.winsor_c(['--noise=0.5', '--winsor_c=4']), 4.0)
