@@ -123,6 +123,12 @@ def label_noise_levels(experiments):
   return DECOMPOSITION_NOISES if 'decomposition' in experiments else ()
 
 
+def cnn_fit_runs():
+  """{noise: run name} of the CNN's Figure 1 given time to fit its training set: the
+  60,000-step plain-SGD run at 0 and 25% noise, the 200,000-step one at 50-100%."""
+  return {n: f'cnn/long_n{n:g}' if n in CNN_LONG_NOISES else f'cnn/n{n:g}_c0' for n in NOISES}
+
+
 def seed_suffix(seed):
   """What a run directory's name ends with for `seed`: nothing for seed 0, else _s<seed>."""
   return '' if seed == 0 else f'_s{seed}'
@@ -359,6 +365,9 @@ def draw_figures(out, seeds, experiments, report_dir, scale):
     scripts.append((figure_name(1, scale, 'cnn'), 'figure1.py',
                     finished(f'cnn/n{n:g}_c0' for n in NOISES),
                     [f'--out={report_dir}/{figure_name(1, scale, "cnn")}']))
+    if scale == 'full':
+      scripts.append(('figure1_cnn_long.png', 'figure1.py', finished(cnn_fit_runs().values()),
+                      [f'--out={report_dir}/figure1_cnn_long.png']))
     scripts.append((figure_name(2, scale, 'cnn'), 'figures_2_3.py',
                     finished(f'cnn/n{n:g}_c0' for n in DECOMPOSITION_NOISES),
                     [f'--out_dir={report_dir}',
@@ -523,8 +532,7 @@ def checks_for_seed(out, tag, experiments, scale):
     label_noise_checks(check, scalars, examples, decomposition_record,
                        lambda n: f'cnn/n{n:g}_c0', ('2.3', '2.4'))
     if scale == 'full':
-      fit_run = {n: f'cnn/long_n{n:g}' if n in CNN_LONG_NOISES else f'cnn/n{n:g}_c0'
-                 for n in NOISES}
+      fit_run = cnn_fit_runs()
       check(('2.3', 'all variants fit their training set, trained for 200,000 steps at '
              '50-100% noise', 'final train acc >= 99%'), list(fit_run.values()),
             lambda: claims.all_fit_in_time({n: scalars(run)['train/accuracy']

@@ -115,6 +115,9 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(fit_long, 1)
     self.assertEqual(fit_long[0].measured, 'waiting for cnn/n0_c0, cnn/n0.25_c0, '
                      'cnn/long_n0.5, cnn/long_n0.75, cnn/long_n1')
+    self.assertEqual(reproduce.cnn_fit_runs(),  # also what figure1_cnn_long.png is drawn from
+                     {0.0: 'cnn/n0_c0', 0.25: 'cnn/n0.25_c0', 0.5: 'cnn/long_n0.5',
+                      0.75: 'cnn/long_n0.75', 1.0: 'cnn/long_n1'})
     mini = reproduce.checks_for_seed(out, '', ['cnn'], 'mini')
     self.assertLen(mini, len(full) - 1)
 
