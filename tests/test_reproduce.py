@@ -110,16 +110,17 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
   def test_cnn_fit_check_waits_for_the_long_runs_at_full_scale_only(self):
     out = self.get_temp_dir()
     full = reproduce.checks_for_seed(out, '', ['cnn'], 'full')
-    fit_long = [v for k, v in full.items() if k[1].startswith('all variants fit their training '
-                                                              'set, trained for 200,000 steps')]
-    self.assertLen(fit_long, 1)
-    self.assertEqual(fit_long[0].measured, 'waiting for cnn/n0_c0, cnn/n0.25_c0, '
-                     'cnn/long_n0.5, cnn/long_n0.75, cnn/long_n1')
+    longer = [v for k, v in full.items()
+              if k[1].endswith(', trained for 200,000 steps at 50-100% noise')]
+    self.assertLen(longer, 2)  # time to 90% and all fit
+    for verdict in longer:
+      self.assertEqual(verdict.measured, 'waiting for cnn/n0_c0, cnn/n0.25_c0, '
+                       'cnn/long_n0.5, cnn/long_n0.75, cnn/long_n1')
     self.assertEqual(reproduce.cnn_fit_runs(),  # also what figure1_cnn_long.png is drawn from
                      {0.0: 'cnn/n0_c0', 0.25: 'cnn/n0.25_c0', 0.5: 'cnn/long_n0.5',
                       0.75: 'cnn/long_n0.75', 1.0: 'cnn/long_n1'})
     mini = reproduce.checks_for_seed(out, '', ['cnn'], 'mini')
-    self.assertLen(mini, len(full) - 1)
+    self.assertLen(mini, len(full) - 2)
 
   def test_winsor_c(self):
     self.assertEqual(reproduce.winsor_c(['--noise=0.5', '--winsor_c=4']), 4.0)
