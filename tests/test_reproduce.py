@@ -113,6 +113,11 @@ class ReproduceTest(tf.test.TestCase, parameterized.TestCase):
     longer = [v for k, v in full.items()
               if k[1].endswith(', trained for 200,000 steps at 50-100% noise')]
     self.assertLen(longer, 2)  # time to 90% and all fit
+    claims_in_order = [claim for _, claim, _ in full]
+    for claim in ('time to a given training accuracy grows with noise',
+                  'all variants fit their training set'):
+      self.assertEqual(claims_in_order[claims_in_order.index(claim) + 1],
+                       claim + ', trained for 200,000 steps at 50-100% noise')
     for verdict in longer:
       self.assertEqual(verdict.measured, 'waiting for cnn/n0_c0, cnn/n0.25_c0, '
                        'cnn/long_n0.5, cnn/long_n0.75, cnn/long_n1')
