@@ -10,8 +10,9 @@ training image activates. A unit that is zero for every image gets no
 gradient from any of them; when a whole layer is dead, nothing below it
 learns and the network predicts one class, which the last column shows.
 
-Runs log the same fraction at every evaluation as `dead_units/hidden_i`;
-this script answers for runs made before that, and for any checkpoint. The
+Runs log the same fractions at every evaluation as `dead_units/<layer>`, and
+the last column as `train/most_common_prediction`; this script answers for
+runs made before those were logged, and for any checkpoint. The
 runs kept in results/ have no checkpoints, so it reads runs trained on this
 machine. `--data_dir` overrides the data directory a run was made with.
 """

@@ -256,7 +256,9 @@ class TrainingSetRecord(keras.callbacks.Callback):
     batch; `fit` does not show a callback those;
   - writes run.py's scalars to TensorBoard under `log_dir`: train/,
     train_pristine/, train_corrupt/ (accuracy and loss against the training
-    labels), train_clean/accuracy, test/, overfit;
+    labels), train_clean/accuracy, test/, overfit, and
+    train/most_common_prediction (the share of training examples given the
+    most common class: 1.0 once the network has collapsed to one class);
   - with `coherence_every`, also m-coherence (whole, pristine, corrupt),
     per-example coherence and GSNR over the whole training set
     (coherence.Recorder, through the per-layer rules of gradients.py) at the

@@ -328,8 +328,9 @@ def label_noise_metrics(noisy: data_lib.NoisyDataset, noise: float, train_loss: 
   Returns:
     ({'split/name': value} for the noisy training set, its pristine and corrupt
     parts (against their training labels), the training set against its clean
-    labels, the test set and the §3.3 overfit; bool [n_train] which training
-    examples the model fits).
+    labels, the test set, the §3.3 overfit, and the share of training examples
+    given the most common predicted class ('train/most_common_prediction');
+    bool [n_train] which training examples the model fits).
   """
   clean = noisy.data
   fitted = train_prediction == noisy.train_labels
@@ -344,6 +345,10 @@ def label_noise_metrics(noisy: data_lib.NoisyDataset, noise: float, train_loss: 
       metrics[f'{split}/accuracy'] = fitted[mask].mean()
   metrics['overfit'] = metrics['train/accuracy'] - (
       noise * 0.1 + (1 - noise) * metrics['test/accuracy'])
+  # About 0.1 on a balanced 10-class set while the network learns; 1.0 once it
+  # has collapsed to one class, which committed runs (no checkpoints) show only here.
+  metrics['train/most_common_prediction'] = (np.bincount(train_prediction).max()
+                                             / train_prediction.size)
   return metrics, fitted
 
 
@@ -382,7 +387,8 @@ def scalars_layout(config: Config):
   Figure 1's training, pristine, corrupt and test accuracy together (and the
   losses); Figure 4's ta, va and overfit; §2.4's f^p and f^c when measured,
   with their null worlds; m-coherence when measured; the hidden layers' dead
-  units.
+  units and the share of images given the most common class, which show a
+  collapse to one class.
   """
   from tensorboard.plugins.custom_scalar import layout_pb2  # pylint: disable=g-import-not-at-top
 
@@ -407,8 +413,10 @@ def scalars_layout(config: Config):
   if config.coherence_every:
     categories.append(layout_pb2.Category(title='Coherence', chart=[
         chart('m-coherence: whole, pristine, corrupt', r'^coherence/m_coherence(_\w+)?$')]))
-  categories.append(layout_pb2.Category(title='Dead units', chart=[
-      chart('share of units no training image activates', r'^dead_units/')]))
+  categories.append(layout_pb2.Category(title='Collapse: dead units, one class', chart=[
+      chart('share of units no training image activates', r'^dead_units/'),
+      chart('share of training images given the most common class',
+            r'^train/most_common_prediction$')]))
   return layout_pb2.Layout(category=categories)
 
 

@@ -222,6 +222,7 @@ class DeadUnitsTest(absltest.TestCase):
     self.assertAlmostEqual(float(row[3]), metrics['train/accuracy'], delta=5e-5)
     self.assertEqual(row[4].strip(), '%d of 32, %d of 8' % (
         round(32 * metrics['dead_units/hidden_1']), round(8 * metrics['dead_units/hidden_2'])))
+    self.assertAlmostEqual(float(row[5]), metrics['train/most_common_prediction'], delta=5e-4)
 
   def test_a_run_without_checkpoints_is_one_line_and_exit_2(self):
     run_dir = self.create_tempdir().full_path

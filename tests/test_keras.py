@@ -265,7 +265,7 @@ class TrainingSetRecordTest(tf.test.TestCase):
       self.assertAllEqual(got[key], expected[key], msg=key)
     self.assertGreater((got['first_learned_step'] > 0).sum(), 50)
     for key in ('train/accuracy', 'train_pristine/accuracy', 'train_corrupt/accuracy',
-                'test/accuracy', 'overfit'):
+                'test/accuracy', 'overfit', 'train/most_common_prediction'):
       self.assertEqual(record.metrics[key], metrics[key], msg=key)
     self.assertAllClose(record.metrics['train/loss'], metrics['train/loss'], rtol=1e-6)
 

@@ -51,7 +51,8 @@ class RunTest(parameterized.TestCase):
     tags = set(values.index.get_level_values('tag'))
     for tag in ('train/accuracy', 'train/loss', 'train_pristine/accuracy',
                 'train_corrupt/accuracy', 'train_clean/accuracy', 'test/accuracy', 'test/loss',
-                'overfit', 'steps_per_second', 'train_batch/loss', 'dead_units/hidden_1'):
+                'overfit', 'steps_per_second', 'train_batch/loss', 'dead_units/hidden_1',
+                'train/most_common_prediction'):
       self.assertIn(tag, tags)
     steps = sorted(values['train/accuracy'].index)
     self.assertEqual(steps[:11], list(range(10)) + [10])

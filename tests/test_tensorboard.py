@@ -71,7 +71,8 @@ class TensorBoardTest(tf.test.TestCase):
       titles = [category['title'] for category in layout['category']]
       self.assertEqual(titles, ['Figure 1: label noise (§2.3)',
                                 'Figure 4: ta, va and overfit (§3.3)',
-                                'Figures 2-3: f^p and f^c (§2.4)', 'Dead units'])
+                                'Figures 2-3: f^p and f^c (§2.4)',
+                                'Collapse: dead units, one class'])
       figure1 = layout['category'][0]['chart'][0]['multiline']['tag']
       self.assertEqual(figure1, ['^train/accuracy$', '^train_pristine/accuracy$',
                                  '^train_corrupt/accuracy$', '^test/accuracy$'])

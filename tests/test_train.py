@@ -174,3 +174,42 @@ class TrainTest(parameterized.TestCase, tf.test.TestCase):
     self.assertTrue(tf.train.latest_checkpoint(f'{workdir}/checkpoints'))
     with self.assertRaisesRegex(UserInputError, 'holds a run with other settings'):
       workdir_lib.prepare(workdir, fixtures.tiny_config(noise=0.25, steps=20))
+
+
+class LabelNoiseMetricsTest(parameterized.TestCase):
+  """train.label_noise_metrics against a loop over the examples."""
+
+  @parameterized.parameters(('random', 0), ('random', 1), ('one_class', 2), ('tied', 3))
+  def test_against_a_loop(self, predictions, seed):
+    rng = np.random.default_rng(seed)
+    noisy = data.make_noisy(fixtures.separable_dataset(num_train=60, num_test=30, seed=seed),
+                            0, 0.5, seed)
+    train_loss, test_loss = rng.random(60), rng.random(30)
+    train_prediction = {'random': rng.integers(0, 10, 60),
+                        'one_class': np.full(60, 7),  # collapsed to one class
+                        'tied': np.repeat([2, 5, 9], 20)}[predictions]  # three classes tie
+    test_prediction = rng.integers(0, 10, 30)
+    metrics, fitted = train.label_noise_metrics(noisy, 0.5, train_loss, train_prediction,
+                                                test_loss, test_prediction)
+    labels, clean = noisy.train_labels, noisy.data.train_labels
+    counts = {}
+    for p in train_prediction:
+      counts[p] = counts.get(p, 0) + 1
+    expected_share = {'random': max(counts.values()) / 60, 'one_class': 1.0,
+                      'tied': 1 / 3}[predictions]
+    self.assertEqual(max(counts.values()) / 60, expected_share)
+    self.assertAlmostEqual(metrics['train/most_common_prediction'], expected_share, places=12)
+    self.assertEqual(fitted.tolist(), [p == y for p, y in zip(train_prediction, labels)])
+    corrupt = [i for i in range(60) if labels[i] != clean[i]]
+    pristine = [i for i in range(60) if labels[i] == clean[i]]
+    self.assertNotEmpty(corrupt)
+    for split, indices in (('train', range(60)), ('train_corrupt', corrupt),
+                           ('train_pristine', pristine)):
+      self.assertAlmostEqual(metrics[f'{split}/accuracy'],
+                             sum(train_prediction[i] == labels[i] for i in indices) / len(indices))
+      self.assertAlmostEqual(metrics[f'{split}/loss'],
+                             sum(train_loss[i] for i in indices) / len(indices))
+    test_accuracy = sum(p == y for p, y in zip(test_prediction, noisy.data.test_labels)) / 30
+    self.assertAlmostEqual(metrics['test/accuracy'], test_accuracy)
+    self.assertAlmostEqual(metrics['overfit'],
+                           metrics['train/accuracy'] - (0.05 + 0.5 * test_accuracy))

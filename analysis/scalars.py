@@ -1,0 +1,131 @@
+"""What runs logged, as tables: a tag's range and extremes over steps, or every value.
+
+  python analysis/scalars.py --runs='results/cnn/runs/cnn/long_n*' \
+      --tags=train/accuracy,test/accuracy --from_step=80000
+  python analysis/scalars.py --runs=results/cnn/runs/cnn/n0.25_c4_s1 \
+      --tags='train/accuracy,dead_units/*' --series
+
+For each run and each tag (a name, or a shell pattern such as 'dead_units/*'),
+one markdown row over the evaluated steps from --from_step to --to_step (both
+included): how many there are, the first and the last value, and the
+smallest and the largest with the step of each. With --series, one table per
+run instead, of every value of the tags in that range, one row per step.
+
+Reads the run directories' event files (committed runs included), so every
+trajectory, plateau and range the docs quote has a command that prints it.
+"""
+
+import fnmatch
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
+flags.DEFINE_list('tags', ['train/accuracy', 'test/accuracy'],
+                  'Tags or shell patterns of tags, e.g. train/accuracy,dead_units/*.')
+flags.DEFINE_integer('from_step', 0, 'First step of the range.', lower_bound=0)
+flags.DEFINE_integer('to_step', None, 'Last step of the range; default: the last logged.',
+                     lower_bound=0)
+flags.DEFINE_bool('series', False, 'Print every value in the range instead of its summary.')
+cli.define_output('report', None, 'Also write the tables to this markdown file.')
+FLAGS = flags.FLAGS
+
+
+def matching_tags(columns, patterns):
+  """The columns that match any of `patterns` (names or shell patterns), in the patterns' order.
+
+  Raises:
+    UserInputError: a pattern matches no column.
+  """
+  tags = []
+  for pattern in patterns:
+    matched = [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
+    if not matched:
+      raise UserInputError(f'no tag matches {pattern!r}; the run logs '
+                           f'{", ".join(sorted(columns))}')
+    tags.extend(c for c in matched if c not in tags)
+  return tags
+
+
+def in_range(series, from_step, to_step):
+  """The logged (not NaN) values of `series` (indexed by step) with from_step <= step <= to_step."""
+  series = series.dropna()
+  last = series.index.max() if to_step is None else to_step
+  return series[(series.index >= from_step) & (series.index <= last)]
+
+
+def range_summary(series):
+  """(count, first, last, smallest, its step, largest, its step) of a series indexed by step.
+
+  The extremes' steps are the first at which each extreme is reached. A
+  series with no values gives (0, nan, ..., None, nan, None).
+  """
+  if series.empty:
+    return 0, np.nan, np.nan, np.nan, None, np.nan, None
+  values, steps = series.to_numpy(), series.index.to_numpy()
+  low, high = int(np.argmin(values)), int(np.argmax(values))
+  return (len(values), values[0], values[-1], values[low], int(steps[low]), values[high],
+          int(steps[high]))
+
+
+def _value(x):
+  return '-' if np.isnan(x) else f'{x:.4f}'
+
+
+def summary_rows(run_dir, scalars, patterns, from_step, to_step):
+  """Markdown rows, one per tag, of range_summary over [from_step, to_step]."""
+  rows = []
+  for tag in matching_tags(scalars.columns, patterns):
+    count, first, last, low, low_step, high, high_step = range_summary(
+        in_range(scalars[tag], from_step, to_step))
+    rows.append(f'| {run_dir} | {tag} | {count} | {_value(first)} | {_value(last)} | '
+                f'{_value(low)} (step {low_step}) | {_value(high)} (step {high_step}) |')
+  return rows
+
+
+def series_table(run_dir, scalars, patterns, from_step, to_step):
+  """A markdown table of every value of the tags in [from_step, to_step], one row per step."""
+  tags = matching_tags(scalars.columns, patterns)
+  frame = scalars[tags]
+  last = frame.index.max() if to_step is None else to_step
+  frame = frame[(frame.index >= from_step) & (frame.index <= last)].dropna(how='all')
+  lines = [f'{run_dir}', '', '| step | ' + ' | '.join(tags) + ' |',
+           '|---|' + '---|' * len(tags)]
+  for step, row in frame.iterrows():
+    lines.append(f'| {step} | ' + ' | '.join(_value(v) for v in row) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  if FLAGS.to_step is not None and FLAGS.to_step < FLAGS.from_step:
+    cli.fail(f'--to_step={FLAGS.to_step} is before --from_step={FLAGS.from_step}; '
+             'give a range that goes forward')
+  if not FLAGS.tags:
+    cli.fail('--tags is empty: name at least one tag, e.g. --tags=train/accuracy')
+  tables, rows = [], []
+  for run_dir in cli.run_directories(FLAGS.runs):
+    try:
+      scalars = workdir.read_scalars(run_dir)
+      if FLAGS.series:
+        tables.append(series_table(run_dir, scalars, FLAGS.tags, FLAGS.from_step, FLAGS.to_step))
+      else:
+        rows.extend(summary_rows(run_dir, scalars, FLAGS.tags, FLAGS.from_step, FLAGS.to_step))
+    except UserInputError as e:
+      cli.fail(f'{run_dir}: {e}')
+  if not FLAGS.series:
+    tables.append('\n'.join(['| run | tag | evaluations | first | last | min | max |',
+                             '|---|---|---|---|---|---|---|', *rows]) + '\n')
+  cli.print_report('\n'.join(tables), FLAGS.report)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)
