@@ -11,7 +11,8 @@ included): how many there are, the first and the last value, and the
 smallest and the largest with the step of each. With --series, one table per
 run instead, of every value of the tags in that range, one row per step.
 
-Reads the run directories' event files (committed runs included), so every
+Reads the run directories' event files, of finished runs (committed ones
+included) and of runs still training, as TensorBoard does; so every
 trajectory, plateau and range the docs quote has a command that prints it.
 """
 
@@ -40,34 +41,36 @@ FLAGS = flags.FLAGS
 
 
 def matching_tags(columns, patterns):
-  """The columns that match any of `patterns` (names or shell patterns), in the patterns' order.
-
-  Raises:
-    UserInputError: a pattern matches no column.
-  """
+  """The columns that match any of `patterns` (names or shell patterns), in the patterns' order."""
   tags = []
   for pattern in patterns:
-    matched = [c for c in columns if fnmatch.fnmatchcase(c, pattern)]
-    if not matched:
-      raise UserInputError(f'no tag matches {pattern!r}; the run logs '
-                           f'{", ".join(sorted(columns))}')
-    tags.extend(c for c in matched if c not in tags)
+    tags.extend(c for c in columns if fnmatch.fnmatchcase(c, pattern) and c not in tags)
   return tags
 
 
-def in_range(series, from_step, to_step):
-  """The logged (not NaN) values of `series` (indexed by step) with from_step <= step <= to_step."""
-  series = series.dropna()
-  last = series.index.max() if to_step is None else to_step
-  return series[(series.index >= from_step) & (series.index <= last)]
+def unmatched(patterns, columns_of_runs):
+  """The patterns that match no column of any run: a mistyped tag, not a run that lacks it."""
+  return [p for p in patterns
+          if not any(fnmatch.filter(columns, p) for columns in columns_of_runs)]
+
+
+def in_range(values, from_step, to_step):
+  """The rows of `values` (a Series or DataFrame indexed by step) from from_step to to_step.
+
+  Both ends are included; to_step None is the last logged step.
+  """
+  last = values.index.max() if to_step is None else to_step
+  return values[(values.index >= from_step) & (values.index <= last)]
 
 
 def range_summary(series):
   """(count, first, last, smallest, its step, largest, its step) of a series indexed by step.
 
-  The extremes' steps are the first at which each extreme is reached. A
-  series with no values gives (0, nan, ..., None, nan, None).
+  Steps at which the tag was not logged (NaN) are left out. The extremes'
+  steps are the first at which each extreme is reached. A series with no
+  values gives (0, nan, nan, nan, None, nan, None).
   """
+  series = series.dropna()
   if series.empty:
     return 0, np.nan, np.nan, np.nan, None, np.nan, None
   values, steps = series.to_numpy(), series.index.to_numpy()
@@ -94,9 +97,7 @@ def summary_rows(run_dir, scalars, patterns, from_step, to_step):
 def series_table(run_dir, scalars, patterns, from_step, to_step):
   """A markdown table of every value of the tags in [from_step, to_step], one row per step."""
   tags = matching_tags(scalars.columns, patterns)
-  frame = scalars[tags]
-  last = frame.index.max() if to_step is None else to_step
-  frame = frame[(frame.index >= from_step) & (frame.index <= last)].dropna(how='all')
+  frame = in_range(scalars[tags], from_step, to_step).dropna(how='all')
   lines = [f'{run_dir}', '', '| step | ' + ' | '.join(tags) + ' |',
            '|---|' + '---|' * len(tags)]
   for step, row in frame.iterrows():
@@ -111,16 +112,21 @@ def main(argv):
              'give a range that goes forward')
   if not FLAGS.tags:
     cli.fail('--tags is empty: name at least one tag, e.g. --tags=train/accuracy')
-  tables, rows = [], []
-  for run_dir in cli.run_directories(FLAGS.runs):
+  tables, rows, columns_of_runs = [], [], []
+  for run_dir in cli.run_directories(FLAGS.runs, problem=lambda run_dir: None):
     try:
       scalars = workdir.read_scalars(run_dir)
-      if FLAGS.series:
-        tables.append(series_table(run_dir, scalars, FLAGS.tags, FLAGS.from_step, FLAGS.to_step))
-      else:
-        rows.extend(summary_rows(run_dir, scalars, FLAGS.tags, FLAGS.from_step, FLAGS.to_step))
     except UserInputError as e:
       cli.fail(f'{run_dir}: {e}')
+    columns_of_runs.append(list(scalars.columns))
+    if FLAGS.series:
+      tables.append(series_table(run_dir, scalars, FLAGS.tags, FLAGS.from_step, FLAGS.to_step))
+    else:
+      rows.extend(summary_rows(run_dir, scalars, FLAGS.tags, FLAGS.from_step, FLAGS.to_step))
+  missing = unmatched(FLAGS.tags, columns_of_runs)
+  if missing:
+    logged = sorted(set().union(*columns_of_runs))
+    cli.fail(f'no run logs a tag matching {", ".join(missing)}; they log {", ".join(logged)}')
   if not FLAGS.series:
     tables.append('\n'.join(['| run | tag | evaluations | first | last | min | max |',
                              '|---|---|---|---|---|---|---|', *rows]) + '\n')

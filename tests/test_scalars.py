@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import scalars
-from cg_tf.errors import UserInputError
+from cg_tf import workdir
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +60,14 @@ class RangeSummaryTest(parameterized.TestCase):
   def test_tags_match_names_and_patterns_in_order_once(self):
     columns = ['train/accuracy', 'dead_units/conv_1', 'dead_units/hidden_1', 'test/accuracy']
     self.assertEqual(scalars.matching_tags(columns, ['test/accuracy', 'dead_units/*',
-                                                     'dead_units/conv_1']),
+                                                     'dead_units/conv_1', 'loss']),
                      ['test/accuracy', 'dead_units/conv_1', 'dead_units/hidden_1'])
-    with self.assertRaisesRegex(UserInputError, "no tag matches 'loss'; the run logs dead_units"):
-      scalars.matching_tags(columns, ['loss'])
+
+  def test_unmatched_are_the_patterns_no_run_logs(self):
+    runs = [['train/accuracy', 'dead_units/hidden_1'], ['train/accuracy', 'test/accuracy']]
+    self.assertEqual(scalars.unmatched(['test/accuracy', 'dead_units/*', 'loss', 'x*'], runs),
+                     ['loss', 'x*'])
+    self.assertEqual(scalars.unmatched(['train/*'], runs), [])
 
 
 class ScriptTest(absltest.TestCase):
@@ -96,9 +100,22 @@ class ScriptTest(absltest.TestCase):
     self.assertEqual(rows, ['| 0 | 0.1000 | 0.0000 |', '| 100 | 0.6000 | - |',
                             '| 200 | 0.9500 | 0.5000 |'])
 
+  def test_a_run_still_training_is_read(self):
+    live = os.path.join(os.path.dirname(self.run_dir), 'live')
+    fixtures.write_run(live, fixtures.tiny_config(steps=400), {'train/accuracy': {0: 0.1, 100: 0.3}})
+    os.remove(os.path.join(live, workdir.FINAL_METRICS_FILE))  # as before its last step
+    self.assertFalse(workdir.is_finished(live))
+    table = fixtures.run_script('scalars.py', f'--runs={live},{self.run_dir}',
+                                '--tags=train/accuracy,test/accuracy')
+    self.assertNotIn(f'| {live} | test/accuracy', table)  # the other run logs it
+    self.assertIn(f'| {self.run_dir} | test/accuracy | 2 |', table)
+    self.assertIn(f'| {live} | train/accuracy | 2 | 0.1000 | 0.3000 | 0.1000 (step 0) | '
+                  '0.3000 (step 100) |', table)
+
   def test_bad_input_is_one_line_and_exit_2(self):
     for args, message in (
-        (['--tags=nope/*'], "no tag matches 'nope/*'"),
+        (['--tags=train/accuracy,nope/*,loss'], 'no run logs a tag matching nope/*, loss; '
+                                                 'they log dead_units/hidden_1, test/accuracy'),
         (['--from_step=300', '--to_step=200'], '--to_step=200 is before --from_step=300'),
         (['--tags='], '--tags is empty')):
       result = subprocess.run([sys.executable, os.path.join(ROOT, 'analysis', 'scalars.py'),
