@@ -23,6 +23,8 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from cg_tf import learning
+
 PASS, TRIVIAL, FAIL, NOT_SHOWN, NOT_RUN = 'pass', 'trivial', 'fail', 'not shown', 'not run'
 OUTCOMES = (PASS, TRIVIAL, FAIL, NOT_SHOWN, NOT_RUN)
 _WORDS = {PASS: 'PASS', TRIVIAL: 'PASS', FAIL: 'FAIL', NOT_SHOWN: 'NOT SHOWN', NOT_RUN: 'NOT RUN'}
@@ -168,16 +170,6 @@ def time_to_accuracy_grows_with_noise(train_accuracy: Mapping[float, pd.Series],
   return Verdict(measured, outcome, reason)
 
 
-def median_step(steps: np.ndarray) -> float:
-  """Median of per-example steps [n] from the learning record, -1 (never) counted as inf.
-
-  An example never learned (or, for learned_since_step, not fitted at the end) counts as
-  learned after every step, so a group most of which was never learned has median inf.
-  """
-  steps = np.asarray(steps)
-  return float(np.median(np.where(steps < 0, np.inf, steps).astype(np.float64)))
-
-
 def step_word(step: float) -> str:
   """A step for a table or a verdict: 'never' for inf."""
   return 'never' if np.isinf(step) else f'{step:g}'
@@ -199,11 +191,12 @@ def pristine_learned_first(learned_since_step: np.ndarray, first_learned_step: n
     return not_shown(f'{corrupt.sum()} corrupt of {corrupt.size} examples',
                      'needs both pristine and corrupt examples')
   since, first = (np.asarray(steps) for steps in (learned_since_step, first_learned_step))
-  pristine, corrupted = median_step(since[~corrupt]), median_step(since[corrupt])
+  pristine, corrupted = (learning.median_step(since[~corrupt]),
+                         learning.median_step(since[corrupt]))
   measured = (f'median learned-since step: pristine {step_word(pristine)}, '
               f'corrupt {step_word(corrupted)} (first learned: '
-              f'{step_word(median_step(first[~corrupt]))}, '
-              f'{step_word(median_step(first[corrupt]))})')
+              f'{step_word(learning.median_step(first[~corrupt]))}, '
+              f'{step_word(learning.median_step(first[corrupt]))})')
   if pristine == corrupted:
     return not_shown(measured, 'tied' if np.isfinite(pristine) else
                      'most examples of both groups are not fitted at the end')

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from analysis import claims  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cg_tf import learning  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -107,7 +108,7 @@ def median_steps(examples, key):
   """'pristine P / corrupt C': each group's median of the per-example `key` record
   (first_learned_step or learned_since_step), pooled over the seeds' `examples`."""
   steps, corrupt = (np.concatenate([e[name] for e in examples]) for name in (key, 'corrupt'))
-  return ' / '.join(claims.step_word(claims.median_step(steps[chosen])) if chosen.any() else '-'
+  return ' / '.join(claims.step_word(learning.median_step(steps[chosen])) if chosen.any() else '-'
                     for chosen in (~corrupt, corrupt))
 
 

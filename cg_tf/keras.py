@@ -49,6 +49,7 @@ import tensorflow as tf
 from cg_tf import aggregators
 from cg_tf import distribute
 from cg_tf import gradients
+from cg_tf import learning
 from cg_tf.errors import UserInputError
 
 
@@ -336,7 +337,7 @@ class TrainingSetRecord(keras.callbacks.Callback):
                                                                 noisy.data.test_labels)
       metrics, fitted = train.label_noise_metrics(noisy, self.noise, train_loss,
                                                   train_prediction, test_loss, test_prediction)
-      self.first_learned_step, self.learned_since_step = train.learning_times(
+      self.first_learned_step, self.learned_since_step = learning.learning_times(
           self.first_learned_step, self.learned_since_step, fitted, step)
       if self._fitted is not None:
         self.forgetting_events += (self._fitted & ~fitted).astype(np.int32)

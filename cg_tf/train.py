@@ -41,6 +41,7 @@ from cg_tf import data as data_lib
 from cg_tf import decomposition
 from cg_tf import distribute
 from cg_tf import gradients
+from cg_tf import learning
 from cg_tf import model as model_lib
 from cg_tf import schedule
 from cg_tf import workdir as workdir_lib
@@ -299,8 +300,8 @@ class Experiment:
     for layer, active in zip(self.hidden_layers, train_active):
       metrics[f'dead_units/{layer.name}'] = 1.0 - active.mean()
     metrics.update(self.aggregator.evaluation_metrics(self.noisy.num_train, self.batch_size, step))
-    first, since = learning_times(self.first_learned_step.numpy(),
-                                  self.learned_since_step.numpy(), fitted, step)
+    first, since = learning.learning_times(self.first_learned_step.numpy(),
+                                           self.learned_since_step.numpy(), fitted, step)
     self.first_learned_step.assign(first)
     self.learned_since_step.assign(since)
     return {k: float(v) for k, v in metrics.items()}
@@ -350,24 +351,6 @@ def label_noise_metrics(noisy: data_lib.NoisyDataset, noise: float, train_loss: 
   metrics['train/most_common_prediction'] = (np.bincount(train_prediction).max()
                                              / train_prediction.size)
   return metrics, fitted
-
-
-def learning_times(first: np.ndarray, since: np.ndarray, fitted: np.ndarray, step: int):
-  """The per-example learning record after an evaluation at `step`.
-
-  Args:
-    first: int64 [n] the first evaluated step at which each example was fitted (-1: never).
-    since: int64 [n] the step since which it has been fitted without a break (-1: not now).
-    fitted: bool [n] whether the model fits it now.
-
-  Returns:
-    (first, since), updated copies.
-  """
-  first, since = first.copy(), since.copy()
-  first[(first < 0) & fitted] = step
-  since[~fitted] = -1
-  since[(since < 0) & fitted] = step
-  return first, since
 
 
 def _hparams(config: Config) -> Dict[str, object]:

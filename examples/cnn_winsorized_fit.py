@@ -8,6 +8,13 @@ then compile and fit it as usual. Half of the labels can be shuffled
 (--noise) to watch winsorization hold memorisation down: the training
 accuracy on the noisy labels stays near the share of labels left correct,
 while the test accuracy stays high.
+
+The callback cg_tf.keras.TrainingSetRecord measures what run.py measures, on
+the authors' log-spaced steps: when each example is learned, pristine and
+corrupt accuracy (as TensorBoard scalars with --logdir), and forgetting. The
+script ends by printing, for the pristine and the corrupt examples, the
+median step from which they stay fitted: the Coherent Gradients hypothesis
+says the pristine ones come first.
 """
 
 import argparse
@@ -18,6 +25,7 @@ import numpy as np
 import cg_tf.keras
 from cg_tf import aggregators
 from cg_tf import data
+from cg_tf import learning
 
 
 def convolutional_network() -> keras.Model:
@@ -42,6 +50,7 @@ def main():
   parser.add_argument('--batch_size', type=int, default=100)
   parser.add_argument('--train_size', type=int, default=0, help='examples to train on; 0: all')
   parser.add_argument('--learning_rate', type=float, default=0.1)
+  parser.add_argument('--logdir', default=None, help='TensorBoard scalars of the record go here')
   args = parser.parse_args()
 
   # The original MNIST files ship with cg_tf; make_noisy takes a fixed subset
@@ -56,8 +65,11 @@ def main():
   model.compile(optimizer=keras.optimizers.SGD(args.learning_rate),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=['accuracy'])
+  record = cg_tf.keras.TrainingSetRecord(
+      x_train, noisy.train_labels, noisy.data.train_labels, (x_test, noisy.data.test_labels),
+      args.noise, log_dir=args.logdir)
   model.fit(x_train, noisy.train_labels, batch_size=args.batch_size, epochs=args.epochs,
-            validation_data=(x_test, noisy.data.test_labels), verbose=2)
+            validation_data=(x_test, noisy.data.test_labels), callbacks=[record], verbose=2)
 
   predicted = np.argmax(model.predict(x_train, verbose=0), axis=-1)
   corrupt = noisy.corrupt
@@ -65,6 +77,12 @@ def main():
   if corrupt.any():
     print(f'corrupt labels fitted: {np.mean(predicted[corrupt] == noisy.train_labels[corrupt]):.4f}'
           f' of {corrupt.sum()}')
+  # -1 (not fitted at the end) counts as later than every step: 'inf'.
+  learned_since_step = record.examples_record()['learned_since_step']
+  for group, mask in (('pristine', ~corrupt), ('corrupt', corrupt)):
+    if mask.any():
+      print(f'{group} examples: median step from which they stay fitted: '
+            f'{learning.median_step(learned_since_step[mask]):g}')
   _, test_accuracy = model.evaluate(x_test, noisy.data.test_labels, verbose=0)
   print(f'test accuracy: {test_accuracy:.4f}')
 

@@ -209,15 +209,21 @@ class ReplicasTest(parameterized.TestCase, tf.test.TestCase):
 class ExampleTest(tf.test.TestCase):
 
   def test_the_example_trains_a_cnn_with_winsorized_sgd_through_fit(self):
+    logdir = os.path.join(self.create_tempdir().full_path, 'logs')
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'examples', 'cnn_winsorized_fit.py'),
-         '--train_size=1000', '--epochs=2', '--noise=0.5', '--winsor_c=4'],
+         '--train_size=1000', '--epochs=5', '--noise=0.5', '--winsor_c=4', f'--logdir={logdir}'],
         cwd=self.create_tempdir().full_path, capture_output=True, text=True, timeout=600)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     lines = result.stdout.strip().splitlines()
-    self.assertRegex(lines[-3], r'^train accuracy on the training labels: 0\.\d{4}$')
-    self.assertRegex(lines[-2], r'^corrupt labels fitted: 0\.\d{4} of \d+$')
+    self.assertRegex(lines[-5], r'^train accuracy on the training labels: 0\.\d{4}$')
+    self.assertRegex(lines[-4], r'^corrupt labels fitted: 0\.\d{4} of \d+$')
+    pristine, corrupt = (float(line.split(': ')[-1]) for line in lines[-3:-1])
+    self.assertStartsWith(lines[-3], 'pristine examples: median step from which they stay fitted')
+    self.assertStartsWith(lines[-2], 'corrupt examples: median step from which they stay fitted')
+    self.assertLess(pristine, corrupt)  # learned first, as the hypothesis says
     self.assertGreater(float(lines[-1].split(': ')[1]), 0.25)  # test accuracy; chance is 0.1
+    self.assertNotEmpty(os.listdir(logdir))  # the record's TensorBoard scalars
 
 
 def run_py_batches(num_train, batch_size, steps, seed):
