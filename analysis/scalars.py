@@ -29,15 +29,19 @@ from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
-flags.DEFINE_list('tags', ['train/accuracy', 'test/accuracy'],
-                  'Tags or shell patterns of tags, e.g. train/accuracy,dead_units/*.')
-flags.DEFINE_integer('from_step', 0, 'First step of the range.', lower_bound=0)
-flags.DEFINE_integer('to_step', None, 'Last step of the range; default: the last logged.',
-                     lower_bound=0)
-flags.DEFINE_bool('series', False, 'Print every value in the range instead of its summary.')
-cli.define_output('report', None, 'Also write the tables to this markdown file.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that tests can import it beside the others."""
+  flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
+  flags.DEFINE_list('tags', ['train/accuracy', 'test/accuracy'],
+                    'Tags or shell patterns of tags, e.g. train/accuracy,dead_units/*.')
+  flags.DEFINE_integer('from_step', 0, 'First step of the range.', lower_bound=0)
+  flags.DEFINE_integer('to_step', None, 'Last step of the range; default: the last logged.',
+                       lower_bound=0)
+  flags.DEFINE_bool('series', False, 'Print every value in the range instead of its summary.')
+  cli.define_output('report', None, 'Also write the tables to this markdown file.')
 
 
 def matching_tags(columns, patterns):
@@ -134,4 +138,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
