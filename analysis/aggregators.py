@@ -37,12 +37,16 @@ from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-impor
 from cg_tf import aggregators  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories, e.g. results/aggregators/runs/aggregators/*.')
-cli.define_output('out', 'aggregators.png', 'Output PNG; a PDF is written beside it.')
-cli.define_output('report', None, 'Also write the table to this markdown file.')
-flags.DEFINE_string('step_times', None, 'CSV of step times from analysis/bench_step.py --csv: '
-                    'adds a "step ÷ SGD" column for the runs whose model and setting it timed.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_list('runs', None, 'Run directories, e.g. results/aggregators/runs/aggregators/*.')
+  cli.define_output('out', 'aggregators.png', 'Output PNG; a PDF is written beside it.')
+  cli.define_output('report', None, 'Also write the table to this markdown file.')
+  flags.DEFINE_string('step_times', None, 'CSV of step times from analysis/bench_step.py --csv: '
+                      'adds a "step ÷ SGD" column for the runs whose model and setting it timed.')
 
 
 def read_step_times(path):
@@ -144,4 +148,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

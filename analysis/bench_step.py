@@ -84,32 +84,38 @@ from cg_tf import winsorize  # pylint: disable=g-import-not-at-top,wrong-import-
 from cg_tf.config import Config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; random data if unset.')
-flags.DEFINE_list('c', ['2'], 'Winsorization percentiles; each winsorized method gets a row '
-                  'per c, e.g. --c=1,2,4,8.')
-flags.register_validator('c', lambda cs: all(_is_percentile(c) for c in cs),
-                         'must be numbers in (0, 50), e.g. 1,2,4,8')
-flags.DEFINE_multi_string('model', ['256,256,256', '2048'], "One model: the MLP's hidden "
-                          "widths, or 'cnn'; repeat the flag for several.")
-flags.register_validator('model', lambda specs: all(_is_model(s) for s in specs),
-                         "must be 'cnn' or comma-separated widths, e.g. 256,256,256")
-flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
-flags.DEFINE_float('seconds', 3.0, 'Rough time to spend on each measurement.')
-flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
-flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference', 'top_k',
-                              'fast', 'xla', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp',
-                              'm3', 'rm3', 'ra3'],
-                  'What to time.')
-flags.DEFINE_bool('fit', False, "Also time plain keras fit and cg_tf.keras.with_aggregator's "
-                  'fit (winsorize at each --c), per step after compilation.')
-flags.DEFINE_bool('memory', False, 'Also measure the peak memory that training steps add, in a '
-                  'child process per method (sgd and fast at each --c, or those --methods).')
-flags.DEFINE_string('memory_of', None, 'Internal: measure the peak memory of this method only.')
-cli.define_output('csv', None, 'Also write the rows that time run.py\'s own training step '
-                  'to this CSV (for analysis/aggregators.py --step_times).')
-flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
-                     'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; random data if unset.')
+  flags.DEFINE_list('c', ['2'], 'Winsorization percentiles; each winsorized method gets a row '
+                    'per c, e.g. --c=1,2,4,8.')
+  flags.register_validator('c', lambda cs: all(_is_percentile(c) for c in cs),
+                           'must be numbers in (0, 50), e.g. 1,2,4,8')
+  flags.DEFINE_multi_string('model', ['256,256,256', '2048'], "One model: the MLP's hidden "
+                            "widths, or 'cnn'; repeat the flag for several.")
+  flags.register_validator('model', lambda specs: all(_is_model(s) for s in specs),
+                           "must be 'cnn' or comma-separated widths, e.g. 256,256,256")
+  flags.DEFINE_integer('batch_size', 100, 'Minibatch size.')
+  flags.DEFINE_float('seconds', 3.0, 'Rough time to spend on each measurement.')
+  flags.DEFINE_integer('rounds', 3, 'Interleaved rounds; the median is reported.')
+  flags.DEFINE_list('methods', ['sgd', 'sgd_forgetting', 'per_example', 'reference', 'top_k',
+                                'fast', 'xla', 'authors', 'trimmed_mean', 'median', 'l2clip', 'dp',
+                                'm3', 'rm3', 'ra3'],
+                    'What to time.')
+  flags.DEFINE_bool('fit', False, "Also time plain keras fit and cg_tf.keras.with_aggregator's "
+                    'fit (winsorize at each --c), per step after compilation.')
+  flags.DEFINE_bool('memory', False, 'Also measure the peak memory that training steps add, in a '
+                    'child process per method (sgd and fast at each --c, or those --methods).')
+  flags.DEFINE_string('memory_of', None, 'Internal: measure the peak memory of this method only.')
+  cli.define_output('csv', None, 'Also write the rows that time run.py\'s own training step '
+                    'to this CSV (for analysis/aggregators.py --step_times).')
+  flags.DEFINE_integer('cpu_replicas', 0, 'Also time sgd and fast on this many logical CPU '
+                       'replicas (MirroredStrategy); 0 = not.', lower_bound=0)
+
+
 # The methods that time the training step exactly as run.py runs it (--csv).
 RUN_PY_STEPS = ('sgd', 'fast', 'trimmed_mean', 'median', 'l2clip', 'dp', 'm3', 'rm3', 'ra3')
 # Timed once, not once per --c.
@@ -423,4 +429,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -29,11 +29,16 @@ from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories made with --coherence_every and --forgetting: '
-                  'one per noise level and seed.')
-cli.define_output('out', 'coherence.png', 'Output PNG; a PDF is written beside it.')
-cli.define_output('report', None, 'Also write the findings table to this markdown file.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_list('runs', None, 'Run directories made with --coherence_every and --forgetting: '
+                    'one per noise level and seed.')
+  cli.define_output('out', 'coherence.png', 'Output PNG; a PDF is written beside it.')
+  cli.define_output('report', None, 'Also write the findings table to this markdown file.')
+
 
 # "Early in training": the steps over which the largest m-coherence is taken.
 EARLY_STEPS = 100
@@ -167,4 +172,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -32,10 +32,14 @@ from cg_tf import data  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
-flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; default: each run\'s own.')
-cli.define_output('report', None, 'Also write the table to this markdown file.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
+  flags.DEFINE_string('data_dir', None, 'MNIST IDX directory; default: each run\'s own.')
+  cli.define_output('report', None, 'Also write the table to this markdown file.')
 
 
 def without_checkpoint(run_dir):
@@ -78,4 +82,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

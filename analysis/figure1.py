@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """This script's flags, defined when it runs, so that analysis/full_batch.py can import it."""
+  """This script's flags, defined when it runs, so that other modules can import it."""
   flags.DEFINE_list('runs', None, 'Run directories: one per noise level and seed.')
   cli.define_output('out', 'figure1.png', 'Output PNG; a PDF is written beside it.')
 

@@ -26,9 +26,13 @@ from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
-cli.define_output('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
+  cli.define_output('out', 'figure4.png', 'Output PNG; a PDF is written beside it.')
 
 
 def load_grid(run_dirs):
@@ -92,4 +96,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

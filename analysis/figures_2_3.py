@@ -30,12 +30,16 @@ from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
-cli.define_output('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.',
-                  directory=True)
-flags.DEFINE_string('suffix', '', 'Appended to the file names: figure2SUFFIX.png, ...')
-flags.DEFINE_integer('first_steps', 10, 'Steps shown in Figure 3.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_list('runs', None, 'Run directories made with --decomp_every > 0.')
+  cli.define_output('out_dir', 'figures', 'Where figure2.png/.pdf and figure3.png/.pdf go.',
+                    directory=True)
+  flags.DEFINE_string('suffix', '', 'Appended to the file names: figure2SUFFIX.png, ...')
+  flags.DEFINE_integer('first_steps', 10, 'Steps shown in Figure 3.')
 
 
 def _decomposition():
@@ -183,4 +187,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -29,10 +29,14 @@ from analysis import figure1  # pylint: disable=g-import-not-at-top,wrong-import
 from analysis import plotting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_list('runs', None, 'Run directories: GD (--batch_size=0) and SGD runs, one per '
-                  'noise level, seed and optimizer.')
-cli.define_output('out', 'full_batch.png', 'Output PNG; a PDF is written beside it.')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_list('runs', None, 'Run directories: GD (--batch_size=0) and SGD runs, one per '
+                    'noise level, seed and optimizer.')
+  cli.define_output('out', 'full_batch.png', 'Output PNG; a PDF is written beside it.')
 
 
 def steps_per_epoch(run_dir) -> int:
@@ -118,4 +122,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -39,11 +39,6 @@ from analysis import cli  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from cg_tf import workdir  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cg_tf.errors import UserInputError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-flags.DEFINE_enum('scale', 'mini', ['mini', 'full'], 'mini: 2 CPU cores; full: the paper.')
-flags.DEFINE_string('out', 'repro', 'Output directory.')
-flags.DEFINE_string('data_dir', None, 'MNIST IDX directory (else tfds).')
-flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
-flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
 # §4's full-batch gradient descent, with an SGD run on the same examples beside each.
 PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized', 'full_batch')
 # Not in the paper, so not run by default: coherence measured directly
@@ -53,30 +48,40 @@ PAPER_EXPERIMENTS = ('label_noise', 'decomposition', 'winsorized', 'full_batch')
 # own report, REPORT_cnn.md, beside the MLP's; with m-coherence and forgetting
 # measured on it as the coherence experiment measures them on the MLP.
 EXPERIMENTS = (*PAPER_EXPERIMENTS, 'coherence', 'aggregators', 'aggregators_60k', 'cnn')
-flags.DEFINE_list('experiments', list(PAPER_EXPERIMENTS), 'Which experiments to run: '
-                  f'some of {", ".join(EXPERIMENTS)}.')
-flags.DEFINE_list('only', [], 'Run only the runs whose name matches one of these shell '
-                  "patterns, e.g. 'winsorized/n1_c*,label_noise/noise0'; figures and the "
-                  'report are drawn once every run is finished.')
-flags.DEFINE_string('shard', None, 'K/N: run only the K-th (1..N) of N fixed parts of the runs, '
-                    'so that N machines sharing one --out split the work.')
-flags.DEFINE_list('devices', [], 'GPU indices, e.g. 0,1,2,3: each run gets one of them '
-                  '(CUDA_VISIBLE_DEVICES) and as many runs go at once.')
-flags.DEFINE_bool('list', False, 'Print the run.py command of every selected run and exit.')
-flags.DEFINE_bool('report_only', False, 'Train nothing: draw the figures and the report from the '
-                  'runs under OUT that are finished (e.g. the committed results/full).')
-flags.DEFINE_string('report_dir', None, 'Where the figures and REPORT.md (REPORT_full.md at '
-                    'full scale) go; default OUT.')
-flags.DEFINE_string('compare_with', None, 'Another REPORT.md (e.g. docs/REPORT.md, the mini '
-                    'one): the report shows its measurement and verdict beside each claim.')
-flags.register_validator('shard', lambda v: v is None or bool(re.fullmatch(r'[1-9]\d*/[1-9]\d*', v))
-                         and int(v.split('/')[0]) <= int(v.split('/')[1]),
-                         'must be K/N with 1 <= K <= N, e.g. 2/3')
-flags.register_validator('devices', lambda v: all(d.isdigit() for d in v),
-                         'must be GPU indices, e.g. 0,1,2,3')
-flags.register_validator('experiments', lambda names: set(names) <= set(EXPERIMENTS),
-                         f'must name some of {", ".join(EXPERIMENTS)}')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """This script's flags, defined when it runs, so that other modules can import it."""
+  flags.DEFINE_enum('scale', 'mini', ['mini', 'full'], 'mini: 2 CPU cores; full: the paper.')
+  flags.DEFINE_string('out', 'repro', 'Output directory.')
+  flags.DEFINE_string('data_dir', None, 'MNIST IDX directory (else tfds).')
+  flags.DEFINE_integer('seeds', 1, 'Seeds per run.', lower_bound=1)
+  flags.DEFINE_integer('parallel', 1, 'Runs at once.', lower_bound=1)
+  flags.DEFINE_list('experiments', list(PAPER_EXPERIMENTS), 'Which experiments to run: '
+                    f'some of {", ".join(EXPERIMENTS)}.')
+  flags.DEFINE_list('only', [], 'Run only the runs whose name matches one of these shell '
+                    "patterns, e.g. 'winsorized/n1_c*,label_noise/noise0'; figures and the "
+                    'report are drawn once every run is finished.')
+  flags.DEFINE_string('shard', None, 'K/N: run only the K-th (1..N) of N fixed parts of the runs, '
+                      'so that N machines sharing one --out split the work.')
+  flags.DEFINE_list('devices', [], 'GPU indices, e.g. 0,1,2,3: each run gets one of them '
+                    '(CUDA_VISIBLE_DEVICES) and as many runs go at once.')
+  flags.DEFINE_bool('list', False, 'Print the run.py command of every selected run and exit.')
+  flags.DEFINE_bool('report_only', False, 'Train nothing: draw the figures and the report from the '
+                    'runs under OUT that are finished (e.g. the committed results/full).')
+  flags.DEFINE_string('report_dir', None, 'Where the figures and REPORT.md (REPORT_full.md at '
+                      'full scale) go; default OUT.')
+  flags.DEFINE_string('compare_with', None, 'Another REPORT.md (e.g. docs/REPORT.md, the mini '
+                      'one): the report shows its measurement and verdict beside each claim.')
+  flags.register_validator(
+      'shard', lambda v: v is None or bool(re.fullmatch(r'[1-9]\d*/[1-9]\d*', v))
+      and int(v.split('/')[0]) <= int(v.split('/')[1]), 'must be K/N with 1 <= K <= N, e.g. 2/3')
+  flags.register_validator('devices', lambda v: all(d.isdigit() for d in v),
+                           'must be GPU indices, e.g. 0,1,2,3')
+  flags.register_validator('experiments', lambda names: set(names) <= set(EXPERIMENTS),
+                           f'must name some of {", ".join(EXPERIMENTS)}')
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -707,4 +712,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

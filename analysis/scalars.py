@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """This script's flags, defined when it runs, so that tests can import it beside the others."""
+  """This script's flags, defined when it runs, so that other modules can import it."""
   flags.DEFINE_list('runs', None, 'Run directories or glob patterns.')
   flags.DEFINE_list('tags', ['train/accuracy', 'test/accuracy'],
                     'Tags or shell patterns of tags, e.g. train/accuracy,dead_units/*.')
